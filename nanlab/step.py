@@ -1,0 +1,325 @@
+"""The train state, the pure train step with its in-jit sentinel, and the eval step.
+
+`make_train_step(model, loss_fn, tx)` returns a pure ``train_step(state, batch) -> (state,
+StepStats)``; the caller jits it with ``donate_argnums=0``. Every step it computes, inside the jit
+and in float32, whether the loss, the gradients and the optimizer's updates are finite, plus the
+global gradient norm, the parameter norm and the update/parameter ratio (big_vision's cheap
+``l2_grads``/``l2_params``/``l2_updates`` telemetry). These are a few reductions over arrays the
+step already reads, so the sentinel costs next to nothing until it fires.
+
+When a step is non-finite and skipping is off, the returned state equals the input state, so the
+loop can replay the exact failing step (same state, batch and dropout rng) through
+`nanlab.trace.localize`. With skipping on, `nanlab.optim.skip_nonfinite` inside `tx` turns the
+update into zeros and leaves the optimizer's inner state untouched; the step also keeps the old
+BatchNorm statistics, which the optimizer never sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+Batch = tuple[jax.Array, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree, so it jits, shards and checkpoints as is.
+
+    Attributes:
+      step: int32 scalar, the number of steps taken (skipped steps included).
+      params: the model's 'params' collection.
+      batch_stats: the model's 'batch_stats' collection ({} without BatchNorm).
+      opt_state: the optax state.
+      rng: the run's base PRNG key; step k's dropout key is ``fold_in(rng, k)``.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@flax.struct.dataclass
+class StepStats:
+    """What one step reports; float32 scalars unless stated.
+
+    Attributes:
+      loss: mean loss of the batch.
+      accuracy: fraction of correct (example, label) decisions, logit > 0 meaning 1.
+      grad_norm: global L2 norm of the gradients.
+      param_norm: global L2 norm of the parameters before the step.
+      update_norm: global L2 norm of the optimizer's updates.
+      update_ratio: update_norm / param_norm (0 when the parameters are all zero).
+      lr: the learning rate of this step.
+      loss_finite, grads_finite, updates_finite: bool, each quantity free of NaN and Inf.
+      finite: bool, all three.
+      skipped: bool, this step's update was dropped by the skip-nonfinite guard.
+      total_skipped: int32, steps skipped so far in the run (0 without the guard).
+      module_grad_norms: top-level module name -> gradient norm.
+      activation_max_abs: block name -> max |activation| ({} unless collected).
+    """
+
+    loss: jax.Array
+    accuracy: jax.Array
+    grad_norm: jax.Array
+    param_norm: jax.Array
+    update_norm: jax.Array
+    update_ratio: jax.Array
+    lr: jax.Array
+    loss_finite: jax.Array
+    grads_finite: jax.Array
+    updates_finite: jax.Array
+    finite: jax.Array
+    skipped: jax.Array
+    total_skipped: jax.Array
+    module_grad_norms: dict[str, jax.Array]
+    activation_max_abs: dict[str, jax.Array]
+
+
+def create_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, sample_x: jax.Array, seed: int
+) -> TrainState:
+    """Initialize the model's variables and the optimizer state.
+
+    Args:
+      model: a linen module called as ``model(x, train=...)``.
+      tx: the optax transformation the step will apply.
+      sample_x: an input batch with the training shape (only its shape and dtype matter).
+      seed: the run's seed; init and dropout keys are derived from it.
+
+    Returns:
+      A `TrainState` at step 0.
+    """
+    init_key, params_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+    del init_key
+    variables = model.init({"params": params_key, "dropout": dropout_key}, sample_x, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=dropout_key,
+    )
+
+
+def tree_sq_norms(tree: Any) -> dict[str, jax.Array]:
+    """Sum of squares of each top-level subtree, accumulated in float32.
+
+    Float32 keeps a bfloat16/float16 tree's squares from overflowing their narrow range.
+    """
+    if not isinstance(tree, dict):
+        tree = {"": tree}
+    return {
+        name: sum((jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(sub)),
+                  jnp.zeros((), jnp.float32))
+        for name, sub in tree.items()
+    }
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+    """True when no leaf of `tree` holds a NaN or an Inf (a bool scalar; True for an empty tree)."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def tree_norm(tree: Any) -> jax.Array:
+    """Global L2 norm of `tree` in float32."""
+    return jnp.sqrt(sum(tree_sq_norms(tree).values(), jnp.zeros((), jnp.float32)))
+
+
+def activation_max_abs(stats: Any) -> dict[str, jax.Array]:
+    """Flatten a sown 'stats' collection into block name -> max |activation|.
+
+    Args:
+      stats: the 'stats' collection; under each top-level block name, every leaf whose key path
+        holds ``'max_abs'`` is a sown maximum (sow stores a tuple, one entry per call).
+
+    Returns:
+      block name -> float32 scalar, the largest of the block's sown maxima.
+    """
+    flat = {}
+    for name, entry in stats.items():
+        values = [
+            jnp.asarray(leaf, jnp.float32)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(entry)[0]
+            if any(getattr(key, "key", None) == "max_abs" for key in path)
+        ]
+        if values:
+            flat[name] = jnp.max(jnp.stack(values))
+    return flat
+
+
+def batch_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example fraction of correct label decisions (logit > 0 means 1), shape (batch,)."""
+    return jnp.mean(((logits > 0) == (labels > 0.5)).astype(jnp.float32), axis=-1)
+
+
+def find_skip_state(opt_state: Any) -> Any | None:
+    """The skip-nonfinite guard's state inside an optax state (a node with `total_skips`), or None."""
+    found = [
+        node
+        for node in jax.tree.leaves(opt_state, is_leaf=lambda n: hasattr(n, "total_skips"))
+        if hasattr(node, "total_skips")
+    ]
+    return found[0] if found else None
+
+
+def _apply_model(model, params, batch_stats, x, *, train, rngs=None, collect_stats=False):
+    """Run `model`; return (float32 logits, aux logits or None, new batch_stats, stats collection)."""
+    variables = {"params": params}
+    mutable = []
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+        if train:
+            mutable.append("batch_stats")
+    if collect_stats:
+        mutable.append("stats")
+    outputs = model.apply(variables, x, train=train, rngs=rngs, mutable=mutable or False)
+    outputs, new_collections = outputs if mutable else (outputs, {})
+    logits, aux_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
+    # Losses and metrics are computed in float32 whatever the model's compute dtype.
+    logits = logits.astype(jnp.float32)
+    aux_logits = None if aux_logits is None else aux_logits.astype(jnp.float32)
+    new_batch_stats = new_collections.get("batch_stats", batch_stats)
+    return logits, aux_logits, new_batch_stats, new_collections.get("stats", {})
+
+
+def make_train_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    schedule: Callable[[jax.Array], jax.Array] | float = 0.0,
+    skip_nonfinite: bool = False,
+    collect_stats: bool = False,
+    aux_loss_weight: float = 0.4,
+) -> Callable[[TrainState, Batch], tuple[TrainState, StepStats]]:
+    """Build the pure train step.
+
+    Args:
+      model: linen module, ``model(x, train=True)`` -> logits (or (logits, aux_logits)).
+      loss_fn: per-element loss ``loss_fn(logits, labels)``; the step takes its mean.
+      tx: the optax transformation; it receives the loss as the extra arg ``loss=``, which
+        `nanlab.optim.skip_nonfinite` checks.
+      schedule: the learning-rate schedule (only reported in the stats), or a constant.
+      skip_nonfinite: `tx` holds the skip guard: a non-finite step advances the step counter
+        with a zero update instead of returning the input state.
+      collect_stats: also sow and return per-block activation max |a| (the 'stats' collection).
+      aux_loss_weight: weight of the auxiliary head's loss when the model returns aux logits.
+
+    Returns:
+      ``train_step(state, batch) -> (state, StepStats)``, pure; jit it with donate_argnums=0.
+    """
+    pass_loss = isinstance(tx, optax.GradientTransformationExtraArgs)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, StepStats]:
+        x, labels = batch
+        dropout_key = jax.random.fold_in(state.rng, state.step)
+
+        def compute_loss(params):
+            logits, aux_logits, new_batch_stats, stats = _apply_model(
+                model, params, state.batch_stats, x, train=True,
+                rngs={"dropout": dropout_key}, collect_stats=collect_stats,
+            )
+            loss = jnp.mean(loss_fn(logits, labels))
+            if aux_logits is not None:
+                loss = loss + aux_loss_weight * jnp.mean(loss_fn(aux_logits, labels))
+            return loss, (logits, new_batch_stats, stats)
+
+        (loss, (logits, new_batch_stats, stats)), grads = jax.value_and_grad(
+            compute_loss, has_aux=True
+        )(state.params)
+        extra = {"loss": loss} if pass_loss else {}
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+        new_params = optax.apply_updates(state.params, updates)
+
+        # The sentinel: a handful of float32 reductions over arrays the step already holds.
+        grad_sq = tree_sq_norms(grads)
+        grad_norm = jnp.sqrt(sum(grad_sq.values(), jnp.zeros((), jnp.float32)))
+        param_norm = tree_norm(state.params)
+        update_norm = tree_norm(updates)
+        loss_finite = jnp.isfinite(loss)
+        grads_finite = tree_all_finite(grads)
+        updates_finite = tree_all_finite(updates)
+        finite = loss_finite & grads_finite & updates_finite
+        # A plain where is safe here: nothing is differentiated through this ratio.
+        update_ratio = jnp.where(param_norm > 0, update_norm / jnp.where(param_norm > 0, param_norm, 1.0), 0.0)
+
+        if skip_nonfinite:
+            # The guard already zeroed the update; BatchNorm's statistics bypass the optimizer,
+            # so a NaN forward pass must not reach them either.
+            new_batch_stats = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), new_batch_stats, state.batch_stats
+            )
+            new_state = state.replace(
+                step=state.step + 1, params=new_params, batch_stats=new_batch_stats,
+                opt_state=new_opt_state,
+            )
+        else:
+            candidate = state.replace(
+                step=state.step + 1, params=new_params, batch_stats=new_batch_stats,
+                opt_state=new_opt_state,
+            )
+            # Non-finite: hand back the input state unchanged, so the loop can replay this step.
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
+
+        skip_state = find_skip_state(new_opt_state) if skip_nonfinite else None
+        total_skipped = (
+            jnp.asarray(skip_state.total_skips, jnp.int32) if skip_state is not None else jnp.zeros((), jnp.int32)
+        )
+        lr = schedule(state.step) if callable(schedule) else schedule
+        step_stats = StepStats(
+            loss=loss.astype(jnp.float32),
+            accuracy=jnp.mean(batch_accuracy(logits, labels)),
+            grad_norm=grad_norm,
+            param_norm=param_norm,
+            update_norm=update_norm,
+            update_ratio=update_ratio,
+            lr=jnp.asarray(lr, jnp.float32),
+            loss_finite=loss_finite,
+            grads_finite=grads_finite,
+            updates_finite=updates_finite,
+            finite=finite,
+            skipped=jnp.logical_and(skip_nonfinite, ~finite),
+            total_skipped=total_skipped,
+            module_grad_norms={name: jnp.sqrt(sq) for name, sq in grad_sq.items()},
+            activation_max_abs=activation_max_abs(stats),
+        )
+        return new_state, step_stats
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, loss_fn: LossFn) -> Callable[[TrainState, Batch, jax.Array], dict]:
+    """Build the pure eval step (inference mode: BatchNorm running statistics, no dropout).
+
+    Args:
+      model: the linen module.
+      loss_fn: per-element loss ``loss_fn(logits, labels)``.
+
+    Returns:
+      ``eval_step(state, batch, mask) -> {"loss_sum", "correct_sum", "count"}``, float32 sums over
+      the examples whose mask is 1 (the mask lets the last, padded batch keep the same shape).
+    """
+
+    def eval_step(state: TrainState, batch: Batch, mask: jax.Array) -> dict[str, jax.Array]:
+        x, labels = batch
+        logits, _, _, _ = _apply_model(model, state.params, state.batch_stats, x, train=False)
+        per_example_loss = jnp.mean(loss_fn(logits, labels), axis=-1)
+        mask = mask.astype(jnp.float32)
+        return {
+            "loss_sum": jnp.sum(per_example_loss * mask),
+            "correct_sum": jnp.sum(batch_accuracy(logits, labels) * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step
