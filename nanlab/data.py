@@ -25,6 +25,7 @@ process-local pieces with ``jax.make_array_from_process_local_data``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -43,6 +44,7 @@ BATCH_AXIS = "batch"
 DEFAULT_NUM_TRAIN = 1024
 DEFAULT_NUM_VAL = 256
 DEFAULT_NUM_LABELS = 3
+GENERATION_CHUNK = 256  # images generated per random stream; fixed, so data never depend on it
 NOISE_STD = 20.0  # pixel noise of the built-in images, in 0..255 units
 
 
@@ -124,7 +126,7 @@ def _render(rng: np.random.Generator, pattern: np.ndarray) -> np.ndarray:
 
 
 def _binary_split(rng: np.random.Generator, n: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    # Balanced labels, shuffled: label 1 = horizontal stripes, 0 = vertical, +-20 degrees jitter.
+    # Balanced labels (per chunk), shuffled: label 1 = horizontal stripes, 0 = vertical, +-20 degrees jitter.
     labels = rng.permutation(np.arange(n) % 2).astype(np.float32)
     jitter = rng.uniform(-np.pi / 9, np.pi / 9, size=n)
     angles = labels * (np.pi / 2) + jitter
@@ -134,7 +136,7 @@ def _binary_split(rng: np.random.Generator, n: int, image_size: int) -> tuple[np
 
 
 def _multilabel_split(
-    rng: np.random.Generator, n: int, image_size: int, num_labels: int
+    rng: np.random.Generator, n: int, image_size: int, *, num_labels: int
 ) -> tuple[np.ndarray, np.ndarray]:
     # Attribute k = stripes at angle k*180/K degrees (+-jitter), present independently with p=0.5.
     labels = (rng.random(size=(n, num_labels)) < 0.5).astype(np.float32)
@@ -145,6 +147,21 @@ def _multilabel_split(
         contrast = rng.uniform(35.0, 60.0, size=(n, 1, 1)).astype(np.float32)
         pattern += labels[:, k, None, None] * contrast * _gratings(rng, angles, image_size)
     return _render(rng, pattern), labels
+
+
+def _generate(make_chunk, key: tuple[int, ...], n: int, image_size: int, num_classes: int):
+    """Fills (n, S, S, 3) images and (n, K) labels chunk by chunk.
+
+    Chunk c draws from its own stream (key + (c,)), so temporaries stay small even for 16k images
+    at 299x299.
+    """
+    x = np.empty((n, image_size, image_size, 3), np.float32)
+    y = np.empty((n, num_classes), np.float32)
+    for chunk, start in enumerate(range(0, n, GENERATION_CHUNK)):
+        stop = min(start + GENERATION_CHUNK, n)
+        rng = np.random.default_rng(key + (chunk,))
+        x[start:stop], y[start:stop] = make_chunk(rng, stop - start, image_size)
+    return x, y
 
 
 def builtin_dataset(
@@ -166,9 +183,10 @@ def builtin_dataset(
     ``multilabel``: K = num_labels independent attributes; attribute k is the presence of stripes
     at angle k*180/K degrees (each present with probability 1/2, superposed).
 
-    Pixels are float32 in [0, 255], like decoded images, so normalization matters. The train
-    and validation splits come from independent random streams of `seed`: changing num_train
-    does not change the validation set.
+    Images are generated in chunks of `GENERATION_CHUNK` from streams of (seed, kind, split,
+    chunk): the validation set does not depend on num_train.
+
+    Pixels are float32 in [0, 255], like decoded images, so normalization matters.
 
     Args:
       kind: ``binary`` or ``multilabel``.
@@ -185,18 +203,18 @@ def builtin_dataset(
     num_val = _check_count("num_val", num_val, 1)
     seed = _check_count("seed", seed, 0)
     if kind == "binary":
-        streams = [np.random.default_rng([seed, 0, split]) for split in (0, 1)]
-        x_train, y_train = _binary_split(streams[0], num_train, image_size)
-        x_val, y_val = _binary_split(streams[1], num_val, image_size)
-        return Dataset(x_train, y_train, x_val, y_val, 1, "builtin", ("vertical", "horizontal"))
-    if kind == "multilabel":
+        make_chunk, num_classes, names = _binary_split, 1, ("vertical", "horizontal")
+    elif kind == "multilabel":
         num_labels = _check_count("num_labels", num_labels, 2)
-        streams = [np.random.default_rng([seed, 1, num_labels, split]) for split in (0, 1)]
-        x_train, y_train = _multilabel_split(streams[0], num_train, image_size, num_labels)
-        x_val, y_val = _multilabel_split(streams[1], num_val, image_size, num_labels)
+        make_chunk = functools.partial(_multilabel_split, num_labels=num_labels)
+        num_classes = num_labels
         names = tuple(f"stripes_{round(k * 180 / num_labels)}deg" for k in range(num_labels))
-        return Dataset(x_train, y_train, x_val, y_val, num_labels, "builtin-multilabel", names)
-    raise ValueError(f"unknown builtin dataset kind {kind!r} (choose from binary, multilabel)")
+    else:
+        raise ValueError(f"unknown builtin dataset kind {kind!r} (choose from binary, multilabel)")
+    key = (seed, 0 if kind == "binary" else 1, num_classes)
+    x_train, y_train = _generate(make_chunk, key + (0,), num_train, image_size, num_classes)
+    x_val, y_val = _generate(make_chunk, key + (1,), num_val, image_size, num_classes)
+    return Dataset(x_train, y_train, x_val, y_val, num_classes, "builtin" if kind == "binary" else "builtin-multilabel", names)
 
 
 # --------------------------------------------------------------------------------------------

@@ -434,3 +434,53 @@ def test_shard_batch_splits_over_four_simulated_devices():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "OK"
+
+
+def _tiny_convnet_accuracy(ds, steps=150, batch_size=32, seed=0):
+    """Trains conv(5x5, 8) -> relu -> global mean -> dense by Adam on `ds`; returns val accuracy."""
+    import jax.numpy as jnp
+    import optax
+
+    stats = data.fit_normalizer(ds.x_train, "standardize")
+    x_train = data.normalize(ds.x_train, "standardize", stats)
+    x_val = data.normalize(ds.x_val, "standardize", stats)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    params = {
+        "kernel": 0.1 * jax.random.normal(k1, (5, 5, 3, 8)),
+        "dense": 0.1 * jax.random.normal(k2, (8, ds.num_classes)),
+        "bias": jnp.zeros(ds.num_classes),
+    }
+
+    def logits_fn(params, x):
+        h = jax.lax.conv_general_dilated(x, params["kernel"], (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.relu(h).mean(axis=(1, 2)) @ params["dense"] + params["bias"]
+
+    def loss_fn(params, x, y):
+        return optax.sigmoid_binary_cross_entropy(logits_fn(params, x), y).mean()
+
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        grads = jax.grad(loss_fn)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = tx.init(params)
+    for i in range(steps):
+        xb, yb = data.batch_at(x_train, ds.y_train, i, batch_size, seed)
+        params, opt_state = step(params, opt_state, xb, yb)
+    predicted = np.asarray(jax.jit(logits_fn)(params, x_val)) > 0
+    return (predicted == (ds.y_val > 0.5)).mean(axis=0)
+
+
+def test_builtin_tasks_are_learned_by_a_tiny_convnet_from_pixels():
+    # Learnability by gradient descent from normalized pixels, not only by a hand-made feature.
+    # Chance is 0.5 (balanced binary labels; attributes present with p = 1/2).
+    binary = data.builtin_dataset("binary", image_size=SIZE, num_train=256, num_val=128, seed=1)
+    assert _tiny_convnet_accuracy(binary, steps=60, batch_size=16)[0] > 0.9
+    # The multi-label task is harder (0/60/120 degree stripes superposed): well above chance in 120
+    # steps (about 0.97/0.77/0.74 at seed 1), ~0.96 each after 300 steps.
+    multilabel = data.builtin_dataset("multilabel", image_size=SIZE, num_train=256, num_val=128, seed=1)
+    accuracy = _tiny_convnet_accuracy(multilabel, steps=120, batch_size=16)
+    assert (accuracy > 0.65).all() and accuracy.mean() > 0.75, accuracy
