@@ -1,0 +1,246 @@
+"""From a localization report, the failing batch and the run's history: a verdict and the fix to try.
+
+`diagnose(report, batch=None, history=None) -> Verdict` applies the rules below in order; the first
+that fires gives the verdict. `diagnose_history(history)` applies only the history rules (for runs
+that stall instead of going NaN, or when no report exists).
+
+| verdict | rule (thresholds are the module constants) |
+| --- | --- |
+| `bad-data` | the failing batch holds a NaN or Inf (or, without a batch, `report.bad_inputs` is not empty) |
+| `unscaled-inputs` | the batch's inputs reach max abs > `UNSCALED_MAX_ABS` (normalized inputs stay within a few units; raw 0-255 pixels do not) |
+| `low-precision-overflow` | the origin is an overflow whose output dtype is float16 or bfloat16 |
+| `unstable-loss` | the origin sits outside every Flax module (the loss) and is a log of 0 or of a negative, or a division by 0 — forward or in its gradient — typically log(sigmoid(x)) saturating |
+| `learning-rate-too-high` | the origin is an overflow in the 'update' phase, or a recent update/param ratio >= `HIGH_UPDATE_RATIO` |
+| `exploding-gradients` | the origin is an overflow in the backward pass, or the grad norm grew >= `GRAD_GROWTH` times over the last `WINDOW` rows, or reached `HUGE_GRAD_NORM` |
+| `vanishing-gradients` | the per-module grad norms of the latest row fall, from the output side to the input side, by a factor >= 1/`VANISH_RATIO` |
+| `unknown` | a non-finite value was found but no rule above explains it: read the report's origin |
+| `none` | nothing non-finite and no history rule fired |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+UNSCALED_MAX_ABS = 20.0  # |x| beyond this is not a normalized input (standardized data rarely passes 6)
+HIGH_UPDATE_RATIO = 0.1  # healthy training moves weights by ~1e-3 of their norm per step
+GRAD_GROWTH = 10.0  # grad-norm growth over the window that counts as exploding
+HUGE_GRAD_NORM = 1e4  # a global grad norm this large is exploding whatever its history
+VANISH_RATIO = 1e-3  # input-side grad norm / output-side grad norm below this is vanishing
+WINDOW = 10  # recent history rows the trend rules look at
+
+_LOSS_CAUSES = frozenset({"log-of-zero", "log-of-negative", "division-by-zero"})
+_LOW_PRECISION = frozenset({"float16", "bfloat16"})
+
+FIXES: dict[str, str] = {
+    "bad-data": "drop or repair the non-finite examples (check the loader and the preprocessing)",
+    "unscaled-inputs": "normalize the inputs (e.g. --normalize standardize, or scale pixels to [0, 1])",
+    "low-precision-overflow": "compute in float32 (or scale the loss / clip activations) where float16 "
+                              "or bfloat16 overflows; keep reductions and the loss in float32",
+    "unstable-loss": "use the logits form of the loss (nanlab.losses.sigmoid_binary_cross_entropy: "
+                     "log_sigmoid, never log(sigmoid(x))); use the double where for log/sqrt",
+    "learning-rate-too-high": "lower the learning rate (or add warmup) and clip the update "
+                              "(--clip global_norm:1.0)",
+    "exploding-gradients": "clip gradients (--clip global_norm:1.0 or agc:0.01) and check the init "
+                           "and normalization layers",
+    "vanishing-gradients": "use a non-saturating hidden activation (relu/gelu) or BatchNorm, and a "
+                           "variance-preserving init",
+    "unknown": "read the report's origin (module, primitive, operands) and fix that computation",
+    "none": "nothing to fix",
+}
+
+# InceptionV3's blocks from input to output; other models keep the order their history gives.
+INCEPTION_BLOCK_ORDER = (
+    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+    "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+    "Mixed_7a", "Mixed_7b", "Mixed_7c", "Logits",
+)
+
+
+@dataclasses.dataclass
+class Verdict:
+    """The diagnosis: `cause` (a key of `FIXES`), the `evidence` that led to it, and the `fix` to try."""
+
+    cause: str
+    evidence: list[str]
+    fix: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with keys cause, evidence, fix."""
+        return {"cause": self.cause, "evidence": list(self.evidence), "fix": self.fix}
+
+    def __str__(self) -> str:
+        lines = [f"verdict: {self.cause}"] + [f"  - {e}" for e in self.evidence] + [f"fix: {self.fix}"]
+        return "\n".join(lines)
+
+
+def _verdict(cause: str, *evidence: str) -> Verdict:
+    return Verdict(cause, [e for e in evidence if e], FIXES[cause])
+
+
+# ---------------------------------------------------------------------------------------------- batch
+
+def _batch_inputs(batch: Any) -> list[np.ndarray]:
+    """The input arrays of a batch: x of an (x, y) pair, 'x'/'image(s)' of a dict, else every leaf."""
+    if isinstance(batch, (tuple, list)) and batch:
+        return [np.asarray(batch[0])]
+    if isinstance(batch, Mapping):
+        for key in ("x", "image", "images", "inputs"):
+            if key in batch:
+                return [np.asarray(batch[key])]
+    return [np.asarray(leaf) for leaf in _leaves(batch)]
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, Mapping):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    if isinstance(tree, (tuple, list)):
+        return [leaf for v in tree for leaf in _leaves(v)]
+    return [tree]
+
+
+def _nonfinite_count(a: np.ndarray) -> int:
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.inexact):
+        try:
+            a = a.astype(np.float64)  # bfloat16 and other extension floats
+        except (TypeError, ValueError):
+            return 0
+    return int((~np.isfinite(a)).sum())
+
+
+# -------------------------------------------------------------------------------------------- history
+
+def _finite_rows(history: Sequence[Mapping[str, Any]] | None, key: str) -> list[float]:
+    values = []
+    for row in history or ():
+        v = row.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            values.append(float(v))
+    return values
+
+
+def _ordered_modules(norms: Mapping[str, Any]) -> list[tuple[str, float]]:
+    known = [n for n in INCEPTION_BLOCK_ORDER if n in norms]
+    rest = [n for n in norms if n not in INCEPTION_BLOCK_ORDER and n != "AuxLogits"]
+    names = known + rest if known else rest
+    return [(n, float(norms[n])) for n in names
+            if isinstance(norms[n], (int, float)) and math.isfinite(norms[n])]
+
+
+def diagnose_history(history: Sequence[Mapping[str, Any]] | None) -> Verdict:
+    """The history rules alone: learning rate, exploding and vanishing gradients.
+
+    Args:
+      history: metrics.jsonl rows (dicts with step, loss, grad_norm, param_norm, update_ratio and
+        optionally module_grad_norms: module name -> grad norm), oldest first.
+
+    Returns:
+      A `Verdict`; cause 'none' when no rule fires.
+    """
+    if history is not None and not isinstance(history, Sequence):
+        raise TypeError(f"history must be a list of metric rows, got {type(history).__name__}")
+    recent = list(history or ())[-WINDOW:]
+    ratios = _finite_rows(recent, "update_ratio")
+    if ratios and max(ratios) >= HIGH_UPDATE_RATIO:
+        return _verdict("learning-rate-too-high",
+                        f"update/param ratio reached {max(ratios):.3g} (>= {HIGH_UPDATE_RATIO}; "
+                        f"healthy steps are ~1e-3)")
+    grads = _finite_rows(recent, "grad_norm")
+    if grads and max(grads) >= HUGE_GRAD_NORM:
+        return _verdict("exploding-gradients", f"global grad norm reached {max(grads):.3g} "
+                                               f"(>= {HUGE_GRAD_NORM:g})")
+    if len(grads) >= 2 and grads[0] > 0 and grads[-1] / grads[0] >= GRAD_GROWTH:
+        return _verdict("exploding-gradients",
+                        f"global grad norm grew {grads[-1] / grads[0]:.3g}x over the last "
+                        f"{len(grads)} rows ({grads[0]:.3g} -> {grads[-1]:.3g})")
+    rows = [r for r in recent if isinstance(r.get("module_grad_norms"), Mapping)]
+    if rows:
+        modules = _ordered_modules(rows[-1]["module_grad_norms"])
+        if len(modules) >= 2:
+            (first, g_in), (last, g_out) = modules[0], modules[-1]
+            if g_out > 0 and g_in / g_out < VANISH_RATIO:
+                losses = _finite_rows(recent, "loss")
+                stall = (f"loss moved {abs(losses[-1] - losses[0]):.3g} over the last {len(losses)} rows"
+                         if len(losses) >= 2 else "")
+                return _verdict("vanishing-gradients",
+                                f"grad norm falls from {g_out:.3g} at {last} to {g_in:.3g} at {first} "
+                                f"(ratio {g_in / g_out:.2g} < {VANISH_RATIO:g})", stall)
+    return _verdict("none")
+
+
+# ------------------------------------------------------------------------------------------- diagnose
+
+def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]] | None = None) -> Verdict:
+    """Name the cause of a failure in the lab's vocabulary, with evidence and a fix.
+
+    Args:
+      report: a `nanlab.trace.Report` (or None: history rules only).
+      batch: the failing batch: (x, y), a dict with 'x', or an array of inputs; optional.
+      history: metrics.jsonl rows before the failure, oldest first; optional.
+
+    Returns:
+      A `Verdict` (rules and thresholds in the module docstring).
+
+    Raises:
+      TypeError: `report` is not a Report-like object (needs found, origin, bad_inputs, cause).
+    """
+    if report is not None and not all(hasattr(report, a) for a in ("found", "origin", "bad_inputs", "cause")):
+        raise TypeError(f"report must be a nanlab.trace.Report or None, got {type(report).__name__}")
+    origin = getattr(report, "origin", None)
+    found = bool(getattr(report, "found", False))
+
+    if batch is not None:
+        bad = sum(_nonfinite_count(leaf) for leaf in _leaves(batch))
+        if bad:
+            return _verdict("bad-data", f"the failing batch holds {bad} NaN/Inf values",
+                            _report_line(report))
+        inputs = _batch_inputs(batch)
+        max_abs = max((float(np.max(np.abs(a.astype(np.float64)))) for a in inputs if a.size), default=0.0)
+        if max_abs > UNSCALED_MAX_ABS:
+            return _verdict("unscaled-inputs",
+                            f"input max |x| = {max_abs:.4g} (> {UNSCALED_MAX_ABS:g}: not normalized)",
+                            _report_line(report))
+    elif found and report.bad_inputs:
+        return _verdict("bad-data", "non-finite on entry: " + ", ".join(report.bad_inputs))
+
+    if origin is not None:
+        dtypes = {s.get("dtype") for s in origin.outputs}
+        if origin.cause == "overflow" and dtypes & _LOW_PRECISION:
+            return _verdict("low-precision-overflow",
+                            f"{origin.primitive} overflowed its {'/'.join(sorted(dtypes & _LOW_PRECISION))} "
+                            f"range (float16 max 65504)", _report_line(report))
+        if origin.module == "" and origin.cause in _LOSS_CAUSES:
+            saturated = ("the log's operand holds exact zeros: a saturated sigmoid (or 1 - sigmoid)"
+                         if origin.cause == "log-of-zero" else "")
+            return _verdict("unstable-loss", _report_line(report), saturated)
+        if origin.cause == "overflow" and origin.phase == "update":
+            return _verdict("learning-rate-too-high", _report_line(report),
+                            "the parameter update itself overflowed")
+
+    from_history = diagnose_history(history)
+    if from_history.cause in ("learning-rate-too-high", "exploding-gradients"):
+        from_history.evidence.append(_report_line(report))
+        from_history.evidence[:] = [e for e in from_history.evidence if e]
+        return from_history
+    if origin is not None and origin.cause == "overflow" and origin.phase == "backward":
+        return _verdict("exploding-gradients", _report_line(report))
+    if from_history.cause == "vanishing-gradients":
+        return from_history
+    if found:
+        return _verdict("unknown", _report_line(report))
+    return from_history
+
+
+def _report_line(report: Any) -> str:
+    """One line of evidence from a report: the cause and where it was born."""
+    if report is None or not getattr(report, "found", False):
+        return ""
+    origin = report.origin
+    if origin is None:
+        return f"trace: {report.cause} (non-finite on entry: {', '.join(report.bad_inputs)})"
+    return f"trace: {origin.cause} at {origin.where()}"
