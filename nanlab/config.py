@@ -57,6 +57,7 @@ class TrainConfig:
     use_batchnorm: bool = True
     dtype: str = "float32"
     dropout_rate: float = 0.0
+    bn_recalibration_batches: int = 8  # training batches whose BatchNorm moments evaluation uses
     # Loss and optimizer.
     loss: str = "sigmoid_binary_cross_entropy"
     optimizer: str = "adam"
@@ -218,7 +219,8 @@ def validate(config: TrainConfig) -> None:
         _check_positive(name, getattr(config, name))
     for name in ("lr", "width_multiplier", "input_scale"):
         _check_positive(name, getattr(config, name))
-    for name in ("weight_decay", "warmup_steps", "eval_every", "stats_every", "checkpoint_every"):
+    for name in ("weight_decay", "warmup_steps", "eval_every", "stats_every", "checkpoint_every",
+                 "bn_recalibration_batches"):
         _check_non_negative(name, getattr(config, name))
     if not 0.0 <= config.dropout_rate < 1.0:
         raise ValueError(f"--dropout-rate must be in [0, 1), got {config.dropout_rate!r}")
