@@ -16,10 +16,17 @@ Every `Dataset` holds float32 NHWC images at raw pixel scale (0..255 for images)
 (N, K) labels. Non-finite pixels are allowed (they are a failure scenario to reproduce) and
 reported by `input_stats`.
 
-Multi-host: call ``jax.distributed.initialize()`` first; `make_mesh` then spans all devices of
-all processes, each process loads the same dataset and draws its own slice of every global batch
-(`batch_at` on the host-local part), and `shard_batch` assembles the global array from the
-process-local pieces with ``jax.make_array_from_process_local_data``.
+Data parallelism: `make_mesh` builds a 1-D mesh (axis ``"batch"``), `shard_batch` splits a
+batch's leading axis over it, `replicate` copies params and optimizer state to every device.
+Multi-host (several processes, e.g. one per GPU host)::
+
+    jax.distributed.initialize()                     # before any other JAX call
+    mesh = make_mesh()                               # all devices of all processes
+    xb, yb = batch_at(x, y, step, global_batch, seed)  # every process loads the same data
+    batch = shard_batch(process_slice((xb, yb)), mesh) # each contributes its rows of the batch
+
+`shard_batch` then assembles the global array from the process-local rows with
+``jax.make_array_from_process_local_data``; with one process it is a plain ``jax.device_put``.
 """
 
 from __future__ import annotations
@@ -604,6 +611,34 @@ def shard_batch(tree: Any, mesh) -> Any:
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
     return jax.tree.map(lambda leaf: jax.make_array_from_process_local_data(sharding, np.asarray(leaf)), tree)
+
+
+def process_slice(tree: Any, process_index: int | None = None, process_count: int | None = None) -> Any:
+    """This process's rows of a global batch (the identity with a single process).
+
+    Args:
+      tree: a pytree of host arrays with a common leading (global batch) axis.
+      process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
+
+    Returns:
+      Each leaf's rows [i * n / p, (i + 1) * n / p) for process i of p.
+
+    Raises:
+      ValueError: a leading size not divisible by the number of processes.
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index must be in [0, {count}), got {index}")
+
+    def rows(leaf):
+        size = np.shape(leaf)[0]
+        if size % count:
+            raise ValueError(f"global batch size {size} is not divisible by the number of processes ({count})")
+        per_process = size // count
+        return leaf[index * per_process : (index + 1) * per_process]
+
+    return jax.tree.map(rows, tree)
 
 
 def replicate(tree: Any, mesh) -> Any:
