@@ -41,7 +41,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 MIN_IMAGE_SIZE = 75  # InceptionV3's smallest input: smaller maps shrink to nothing in the stem.
 NORMALIZE_MODES = ("none", "unit", "standardize")
@@ -51,7 +51,7 @@ BATCH_AXIS = "batch"
 DEFAULT_NUM_TRAIN = 1024
 DEFAULT_NUM_VAL = 256
 DEFAULT_NUM_LABELS = 3
-GENERATION_CHUNK = 256  # images generated per random stream; fixed, so data never depend on it
+GENERATION_CHUNK = 256  # images per random stream; part of the data's definition (changing it changes the data)
 NOISE_STD = 20.0  # pixel noise of the built-in images, in 0..255 units
 
 
@@ -250,13 +250,20 @@ def _split(
     )
 
 
+def _describe(error: BaseException) -> str:
+    """An exception as one line (error messages of this module are single lines)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def _load_image(path: Path, image_size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"unreadable image {path}: {type(error).__name__}: {error}") from None
+    # Pillow's decoders raise many types (UnidentifiedImageError, OSError for truncation,
+    # SyntaxError, ValueError, DecompressionBombError): any of them means "unreadable".
+    except Exception as error:
+        raise DataError(f"unreadable image {path}: {_describe(error)}") from None
 
 
 def _is_image_file(path: Path) -> bool:
@@ -305,7 +312,9 @@ def _load_npz(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as error:  # zipfile/OSError/ValueError: all mean "not a readable .npz"
-        raise DataError(f"unreadable .npz file {path}: {type(error).__name__}: {error}") from None
+        raise DataError(f"unreadable .npz file {path}: {_describe(error)}") from None
+    if not hasattr(archive, "files"):  # a plain .npy saved under an .npz name
+        raise DataError(f"{path} holds a single array, not an .npz archive with x and y (use np.savez)")
     with archive:
         missing = [key for key in ("x", "y") if key not in archive.files]
         if missing:

@@ -8,6 +8,8 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from PIL import Image
 
 from nanlab import data
@@ -264,6 +266,12 @@ def test_npz_mixed_shapes(tmp_path):
     _raises_one_line(data.DataError, "mixed shapes", data.load_dataset, str(tmp_path / "ragged.npz"), SIZE, 0)
 
 
+def test_npy_under_npz_name(tmp_path):
+    with open(tmp_path / "single.npz", "wb") as f:
+        np.save(f, np.zeros((2, 75, 75)))
+    _raises_one_line(data.DataError, "single array, not an .npz archive", data.load_dataset, str(tmp_path / "single.npz"), SIZE, 0)
+
+
 def test_npz_corrupt_file(tmp_path):
     (tmp_path / "c.npz").write_bytes(b"garbage")
     message = _raises_one_line(data.DataError, "unreadable .npz file", data.load_dataset, str(tmp_path / "c.npz"), SIZE, 0)
@@ -364,6 +372,23 @@ def test_batch_at_epochs_drop_last_without_repeats():
         assert len(set(seen)) == 9  # 9 distinct examples per epoch, the 10th dropped
         epochs.append(sorted(seen))
     assert len({tuple(e) for e in epochs}) > 1  # a fresh permutation each epoch
+
+
+@given(
+    n=st.integers(1, 40),
+    batch_size=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    epoch=st.integers(0, 10**6),
+)
+def test_batch_at_each_epoch_is_a_partition_without_repeats(n, batch_size, seed, epoch):
+    assume(batch_size <= n)
+    x, y = _indexed(n)
+    steps_per_epoch = n // batch_size
+    seen = np.concatenate(
+        [data.batch_at(x, y, epoch * steps_per_epoch + i, batch_size, seed)[1][:, 0] for i in range(steps_per_epoch)]
+    )
+    assert len(seen) == steps_per_epoch * batch_size == len(np.unique(seen))  # no example twice
+    assert n - len(seen) < batch_size  # only the last partial batch is dropped
 
 
 def test_batch_at_errors():

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nanlab import optim
 
@@ -77,6 +79,19 @@ def test_parse_clip_spec_errors_name_the_part(spec, message):
     with pytest.raises(ValueError, match=message) as info:
         optim.parse_clip_spec(spec)
     assert "\n" not in str(info.value)
+
+
+_CLIP_PARTS = st.tuples(
+    st.sampled_from(optim.CLIP_NAMES),
+    st.floats(min_value=1e-30, max_value=1e30, allow_nan=False, allow_infinity=False),
+)
+
+
+@given(parts=st.lists(_CLIP_PARTS, min_size=1, max_size=4), spaces=st.booleans())
+def test_parse_clip_spec_round_trips(parts, spaces):
+    joiner = " , " if spaces else ","
+    spec = joiner.join(f"{name}:{value!r}" for name, value in parts)
+    assert optim.parse_clip_spec(spec) == tuple(parts)
 
 
 def test_parse_clip_spec_rejects_non_string():
