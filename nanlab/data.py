@@ -373,6 +373,7 @@ def load_dataset(spec: str, image_size: int, seed: int, val_fraction: float = 0.
         (named), mixed shapes, labels outside [0, 1] (the value), an x/y length mismatch.
     """
     image_size = _check_image_size(image_size)
+    seed = _check_count("seed", seed, 0)
     if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if spec == "builtin":

@@ -199,6 +199,7 @@ def test_missing_path_and_unknown_file(tmp_path):
     _raises_one_line(data.DataError, "neither a folder nor an .npz", data.load_dataset, str(other), SIZE, 0)
     _raises_one_line(ValueError, "image_size must be >= 75", data.load_dataset, "builtin", 64, 0)
     _raises_one_line(ValueError, "val_fraction must be in", data.load_dataset, "builtin", SIZE, 0, 1.0)
+    _raises_one_line(ValueError, "seed must be >= 0, got -1", data.load_dataset, "builtin", SIZE, -1)
     assert issubclass(data.DataError, ValueError)
 
 
