@@ -64,13 +64,13 @@ def parse_skip(text: str) -> tuple[str, ...]:
 def format_table(results: Sequence[testing.PropertyResult]) -> str:
     """A plain-text pass/fail table, one row per property, counterexamples under failures."""
     width = max(len(result.name) for result in results)
-    lines = [f"{'property':<{width}}  result  detail"]
+    lines = [f"{'property':<{width}}  result  examples  detail"]
     for result in results:
         status = "PASS" if result.passed else "FAIL"
         detail = result.description if result.passed else result.message
-        lines.append(f"{result.name:<{width}}  {status:<6}  {detail}")
+        lines.append(f"{result.name:<{width}}  {status:<6}  {result.examples:>8}  {detail}")
         if result.counterexample is not None:
-            lines.append(f"{'':<{width}}          counterexample: {result.counterexample}")
+            lines.append(f"{'':<{width}}                    counterexample: {result.counterexample}")
     passed = sum(result.passed for result in results)
     lines.append(f"{passed}/{len(results)} properties hold")
     return "\n".join(lines)

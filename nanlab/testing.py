@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -292,6 +293,8 @@ class PropertyResult:
     description: str
     counterexample: Counterexample | None = None
     message: str = ""
+    examples: int = 0  # calls of the property, shrinking included
+    seconds: float = 0.0
 
 
 class LossPropertyError(AssertionError):
@@ -470,11 +473,15 @@ def _property_inputs(name: str, label_kind: str) -> st.SearchStrategy:
     return st.tuples(logit, labels(label_kind))
 
 
-def _run_property(check: Callable, inputs: st.SearchStrategy, hypothesis_settings) -> Exception | None:
-    """Runs one property as a Hypothesis test; returns the minimal failure, or None."""
+def _run_property(
+    check: Callable, inputs: st.SearchStrategy, hypothesis_settings
+) -> tuple[Exception | None, int]:
+    """Runs one property as a Hypothesis test; returns (the minimal failure or None, examples run)."""
+    calls = [0]
 
     @given(inputs)
     def prop(pair):
+        calls[0] += 1
         check(*pair)
 
     # The active profile (nanlab's conftest: `ci` or `thorough`) unless settings are given; one
@@ -486,8 +493,8 @@ def _run_property(check: Callable, inputs: st.SearchStrategy, hypothesis_setting
     try:
         prop()
     except Exception as failure:  # noqa: BLE001 - the user's loss may raise anything
-        return failure
-    return None
+        return failure, calls[0]
+    return None, calls[0]
 
 
 def run_battery(
@@ -559,16 +566,18 @@ def run_battery(
     for name, description in PROPERTIES.items():
         if name in skip:
             continue
-        failure = _run_property(checks[name], _property_inputs(name, label_kind), hypothesis_settings)
+        start = time.perf_counter()
+        failure, examples = _run_property(checks[name], _property_inputs(name, label_kind), hypothesis_settings)
+        counts = dict(examples=examples, seconds=time.perf_counter() - start)
         if failure is None:
-            results.append(PropertyResult(name, True, description))
+            results.append(PropertyResult(name, True, description, **counts))
         elif isinstance(failure, _Violation):
             results.append(
-                PropertyResult(name, False, description, failure.counterexample, failure.message)
+                PropertyResult(name, False, description, failure.counterexample, failure.message, **counts)
             )
         else:
             message = f"raised {type(failure).__name__}: {failure}".splitlines()[0]
-            results.append(PropertyResult(name, False, description, None, message))
+            results.append(PropertyResult(name, False, description, None, message, **counts))
     return results
 
 

@@ -77,6 +77,37 @@ def test_bce_tiny_soft_label_at_underflowing_exp_is_accurate():
     assert testing.ulp_error(value, exact) <= 2
 
 
+_bce_jit = jax.jit(bce)
+_bce_grad_jit = jax.jit(jax.grad(lambda x, z: jnp.sum(bce(x, z))))
+
+
+@given(testing.logits(), testing.soft_labels())
+@example(1e9, 1.0)
+@example(-1e9, 0.0)
+@example(1e9, 0.0)
+@example(INF, 1.0)
+@example(-INF, 0.0)
+@example(0.0, 0.5)
+@example(-0.0, 1.0)
+@example(88.72284, 0.0)
+@example(-88.72284, 1.0)
+@example(-103.97208, 0.3)
+@example(17.0, 1.0)
+def test_bce_matches_the_reference_with_pinned_edges(logit, label):
+    exact, exact_grad = testing.bce_reference(logit, label), testing.bce_gradient_reference(logit, label)
+    value = float(_bce_jit(f32(logit), f32(label))[0])
+    grad = float(_bce_grad_jit(f32(logit), f32(label))[0])
+    hard = label in (0.0, 1.0)
+    if math.isinf(exact):
+        assert value == exact
+    elif testing.representable(exact):
+        assert testing.ulp_error(value, exact) <= (2 if hard else 3)
+    assert math.isfinite(grad)
+    scale = None if hard else testing.bce_gradient_scale(logit, label)
+    if testing.representable(exact_grad) and exact_grad != 0 and (scale is None or testing.representable(scale)):
+        assert testing.ulp_error(grad, exact_grad, scale) <= 2
+
+
 # ----------------------------------------------------------------------------- BCE options
 
 
