@@ -179,8 +179,9 @@ _SCALE, _UNSCALE = 2.0**64, 2.0**-64
 def _exp_neg_abs_scaled(x: jax.Array) -> jax.Array:
     """exp(-|x|) * 2**64 without an intermediate underflow, for |x| >= _FAR.
 
-    (exp(-|x|/2) * 2**32)**2: the half is exact, exp(-|x|/2) >= 1e-45 only below |x| = 206 but is
-    a normal number where the scaled result can matter, and the powers of two are exact.
+    Computed as (exp(-|x|/2) * 2**32)**2: halving and the powers of two are exact, and
+    exp(-|x|/2) stays a normal float32 up to |x| ~ 174, beyond which the unscaled result is below
+    the subnormal range anyway.
     """
     # The barrier stops XLA from rewriting exp(a) * exp(a) as exp(2a), which underflows again.
     half = lax.optimization_barrier(jnp.exp(-0.5 * jnp.abs(x)) * 2.0**32)
@@ -243,7 +244,11 @@ def _weighted_bce_value(x: jax.Array, z: jax.Array, pos_weight: jax.Array) -> ja
     r"""pos_weight*z*softplus(-x) + (1-z)*softplus(x), each term >= 0 and 0*inf-free."""
     w = jnp.where(x > 0, 1 - z, pos_weight * z)
     log_weight = (1 - z) + pos_weight * z  # coefficient of log1p(exp(-|x|)) in both softplus terms
-    return _times(w, jnp.abs(x)) + _times(log_weight, _log1p_exp_neg_abs(x))
+    linear = _times(w, jnp.abs(x))
+    near = linear + _times(log_weight, _log1p_exp_neg_abs(x))
+    # pos_weight > 1 lifts a subnormal exp(-|x|) back into the normal range: scaled sum (see _FAR)
+    far = (linear * _SCALE + _times(log_weight, _exp_neg_abs_scaled(x))) * _UNSCALE
+    return jnp.where((jnp.abs(x) > _FAR) & (linear < 2.0**-40), far, near)
 
 
 @jax.custom_jvp
@@ -260,6 +265,13 @@ def _weighted_bce_jvp(primals, tangents):
     # d/dx = (1-z)*sigmoid(x) - pos_weight*z*sigmoid(-x): sigmoid(-x) = 1 - sigmoid(x) exactly,
     # so the hard-label cases need no subtraction at all.
     d_x = (1 - z) * sig_pos - pos_weight * z * sig_neg
+    # Beyond _FAR the smaller sigmoid is exp(-|x|) to float precision, possibly subnormal, and
+    # pos_weight can lift the product back into the normal range: form it scaled (see _FAR).
+    scaled_small = _exp_neg_abs_scaled(x)
+    scaled_pos = jnp.where(x < 0, scaled_small, sig_pos * _SCALE)
+    scaled_neg = jnp.where(x > 0, scaled_small, sig_neg * _SCALE)
+    d_x_far = ((1 - z) * scaled_pos - pos_weight * z * scaled_neg) * _UNSCALE
+    d_x = jnp.where(jnp.abs(x) > _FAR, d_x_far, d_x)
     softplus_pos = _clamp_to_finite(jnp.maximum(x, 0) + _log1p_exp_neg_abs(x))
     softplus_neg = _clamp_to_finite(jnp.maximum(-x, 0) + _log1p_exp_neg_abs(x))
     # d/dz = pos_weight*softplus(-x) - softplus(x); d/dpos_weight = z*softplus(-x). Infinite
