@@ -159,6 +159,11 @@ def _any_nan(x: jax.Array) -> jax.Array:
     return jnp.isnan(x).any()
 
 
+def _aval_key(x: Any) -> tuple:
+    """Shape, dtype and weak type: what decides whether a compiled segment can be reused."""
+    return (np.shape(x), str(getattr(x, "dtype", type(x).__name__)), bool(getattr(x, "weak_type", False)))
+
+
 def _finite(x: Any) -> bool:
     if not _is_float(x):
         return True
@@ -451,7 +456,7 @@ class _Record:
     frames: tuple
     in_slots: list[int | None]
     float_slots: list[int]
-    flags: list[Any]
+    n_flags: int  # finite flags this equation adds to the segment's flag vector
     top: int  # index of the segment's top-level equation that holds this one
     const: bool  # all operands are constants: folded, never an event
 
@@ -529,6 +534,8 @@ class _Interpreter:
         self.tracing: list[_Record] | None = None  # the records of the segment being traced, if any
         self.slots = 0
         self.current_top = 0
+        self.trace_flags: list[Any] = []
+        self.segment_cache: dict[tuple, tuple[Callable, list[_Record], list[tuple]]] = {}
         self.counter = 0
         self.events: list[Event] = []
         self.root_events: dict[int, Event] = {}
@@ -617,11 +624,37 @@ class _Interpreter:
         later = {v for e in jaxpr.eqns[end:] for v in e.invars if isinstance(v, jcore.Var)}
         later.update(v for v in jaxpr.outvars if isinstance(v, jcore.Var))
         out_vars = [v for v in defined if v in later]
+        in_values = [env[v].value for v in in_vars]
+        key = (id(jaxpr), start, end, tuple(live[start:end]), ctx.phase, ctx.frames,
+               tuple((type(e).__name__, e.name) for e in ctx.stack),
+               tuple((_aval_key(x), env[v].grad, env[v].const) for v, x in zip(in_vars, in_values)))
+        cached = self.segment_cache.get(key)
+        if cached is None:
+            cached = self._compile_segment(jaxpr, start, end, env, ctx, live, in_vars, out_vars)
+            self.segment_cache[key] = cached
+        compiled, records, out_meta = cached
+        outs, flags = compiled(*in_values)
+        slot_prov = self._commit(records, np.asarray(flags), [env[v].prov for v in in_vars])
+        if isinstance(slot_prov, int):
+            return slot_prov
+        for v, x, (slot, grad, const) in zip(out_vars, outs, out_meta):
+            env[v] = _Value(x, slot_prov.get(slot) if slot is not None else None, grad, const=const)
+        return end
+
+    def _compile_segment(self, jaxpr: jcore.Jaxpr, start: int, end: int, env: dict[Any, _Value],
+                         ctx: _Context, live: list[tuple[bool, ...]], in_vars: list[Any],
+                         out_vars: list[Any]) -> tuple[Callable, list[_Record], list[tuple]]:
+        """Trace eqns[start:end] into a jitted function; its records and output metadata come along.
+
+        Cached by the caller, so a loop body's segment compiles once, not once per iteration.
+        """
         records: list[_Record] = []
-        out_meta: list[tuple[int | None, bool]] = []
+        out_meta: list[tuple[int | None, bool, bool]] = []
 
         def segment(*values: Any) -> tuple[list[Any], Any]:
-            self.tracing, self.slots = records, len(in_vars)
+            records.clear()
+            out_meta.clear()
+            self.tracing, self.slots, self.trace_flags = records, len(in_vars), []
             try:
                 senv = {v: _Value(x, None, env[v].grad, k, env[v].const)
                         for k, (v, x) in enumerate(zip(in_vars, values))}
@@ -631,17 +664,13 @@ class _Interpreter:
             finally:
                 self.tracing = None
             out_meta.extend((senv[v].slot, senv[v].grad, senv[v].const) for v in out_vars)
-            flags = [f for r in records for f in r.flags]
+            flags, self.trace_flags = self.trace_flags, []
             stacked = jnp.stack(flags) if flags else jnp.zeros((0,), bool)
             return [senv[v].value for v in out_vars], stacked
 
-        outs, flags = jax.jit(segment)(*[env[v].value for v in in_vars])
-        slot_prov = self._commit(records, np.asarray(flags), [env[v].prov for v in in_vars])
-        if isinstance(slot_prov, int):
-            return slot_prov
-        for v, x, (slot, grad, const) in zip(out_vars, outs, out_meta):
-            env[v] = _Value(x, slot_prov.get(slot) if slot is not None else None, grad, const=const)
-        return end
+        # Records and out_meta fill when jit traces `segment` (at its first call); a retrace refills
+        # them identically.
+        return jax.jit(segment), records, out_meta
 
     def _commit(self, records: list[_Record], flags: np.ndarray,
                 in_provs: list[frozenset | None]) -> dict[int, frozenset] | int:
@@ -656,8 +685,8 @@ class _Interpreter:
         row = 0
         for rec in records:
             counter += 1
-            rec_flags = flags[row:row + len(rec.flags)]
-            row += len(rec.flags)
+            rec_flags = flags[row:row + rec.n_flags]
+            row += rec.n_flags
             bad = [slot for slot, finite in zip(rec.float_slots, rec_flags) if not finite]
             if rec.const:
                 continue
@@ -743,18 +772,19 @@ class _Interpreter:
         outs = self._bind(eqn, [a.value for a in invals])
         grad_out = grad_in or phase in ("backward", "update")
         const = all(a.const for a in invals)
-        values, flags, float_slots = [], [], []
+        values, n_flags, float_slots = [], 0, []
         for o in outs:
             slot = self.slots
             self.slots += 1
             if _is_float(o):
                 # One fused scalar reduction per output: the only data that leaves the device.
-                flags.append(jnp.isfinite(o).all())
+                self.trace_flags.append(jnp.isfinite(o).all())
+                n_flags += 1
                 float_slots.append(slot)
             values.append(_Value(o, None, grad_out, slot, const))
         self.tracing.append(_Record(
             primitive=eqn.primitive.name, module=_module_path(elements), phase=phase, frames=frames,
-            in_slots=[a.slot for a in invals], float_slots=float_slots, flags=flags, top=self.current_top,
+            in_slots=[a.slot for a in invals], float_slots=float_slots, n_flags=n_flags, top=self.current_top,
             const=const))
         return values
 

@@ -398,3 +398,53 @@ def test_classify_rules():
     assert classify("acos", [neg], nan_out, root=True) == "domain-error"
     assert classify("div", [neg, z], inf_out, root=True, forward_primitive="sqrt") == "sqrt-at-zero"
     assert classify("add", [inf, neg], inf_out, root=False) == "propagated"
+
+
+# ------------------------------------------------------------------------ full-size InceptionV3
+
+def numpy_init(model, x, seed):
+    """He-normal kernels, zero biases, unit scales: values drawn with numpy from `eval_shape`'s shapes
+    (compiling InceptionV3's random initializers takes minutes on a small CPU)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(seed), x, train=False))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
+        if "scale" in name or "var" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.mark.slow
+def test_localizes_a_planted_overflow_in_the_full_inception_v3_train_step_in_under_two_minutes():
+    import time
+
+    import optax
+
+    from nanlab.models.inception_v3 import InceptionV3
+    from nanlab.step import TrainState, make_train_step
+
+    model = InceptionV3(num_classes=1)
+    tx = optax.sgd(0.01)
+    x = jax.random.normal(jax.random.key(0), (8, 299, 299, 3))
+    y = jnp.ones((8, 1))
+    variables = numpy_init(model, x, seed=0)  # compiling model.init costs minutes on a small CPU
+    params = variables["params"]
+    conv = params["Mixed_6a"]["Branch_1_Conv2d_0b_3x3"]["Conv"]
+    conv["kernel"] = conv["kernel"] * 1e38  # finite weights whose convolution overflows float32
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+                       opt_state=tx.init(params), rng=jax.random.key(1))
+    step = make_train_step(model, optax.sigmoid_binary_cross_entropy, tx)
+    start = time.perf_counter()
+    report = localize(step, state, (x, y))
+    elapsed = time.perf_counter() - start
+    assert report.found and report.origin is not None, str(report)
+    assert report.origin.module.startswith("InceptionV3/Mixed_6a/Branch_1_Conv2d_0b_3x3"), str(report)
+    assert (report.origin.phase, report.origin.cause) == ("forward", "overflow"), str(report)
+    assert report.bad_inputs == []
+    assert elapsed < 120, f"localize took {elapsed:.0f} s\n{report}"
