@@ -1,0 +1,469 @@
+"""Train/inference speed of nanlab's InceptionV3 against Keras 3 on the JAX backend.
+
+Run from the repository root (Keras is in the `bench` and `test` extras):
+
+    .venv/bin/python benchmarks/bench_model.py             # batch 8 at 299 and batch 32 at 75
+    .venv/bin/python benchmarks/bench_model.py --quick     # a small smoke check (a minute)
+    .venv/bin/python benchmarks/bench_model.py --full      # GPU sizes: bf16, larger batches
+    .venv/bin/python benchmarks/bench_model.py --conv-shapes --image-size 299 --batch 8
+
+One invocation builds, per setting, nanlab's InceptionV3 (binary head, sigmoid BCE, Adam; one
+jitted train step) with `conv_impl="fast"` and with `conv_impl="xla"` (the ablation), and
+`keras.applications.InceptionV3(weights=None, classes=1, classifier_activation=None)` compiled
+with Adam and `train_on_batch`. The timed steps are interleaved (nanlab-fast, nanlab-xla, Keras,
+nanlab-fast, ...) so that the load of a shared machine hits every contestant alike; it prints
+medians and the median of the per-round ratios. `--conv-shapes` instead times every distinct
+convolution of the network under each formulation of `nanlab.models.conv` (forward, input
+gradient, kernel gradient): the figures behind `nanlab.models.conv.choose_kernel_grad`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before any keras import: Keras 3 on JAX
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from nanlab.models import conv as conv_lib  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-convolution timings.
+
+
+ConvShape = collections.namedtuple(
+    "ConvShape", "block height width cin cout kh kw stride padding"
+)
+
+
+def _out(size: int, k: int, stride: int, padding: str) -> int:
+    return -(-size // stride) if padding == "SAME" else (size - k) // stride + 1
+
+
+def inception_v3_conv_shapes(image_size: int) -> list[ConvShape]:
+    """Every convolution of Keras's InceptionV3 (no top), in order, at `image_size` x `image_size`.
+
+    Args:
+      image_size: input height = width (>= 75).
+
+    Returns:
+      One ConvShape per convolution layer (94 of them), with the input spatial size it sees.
+    """
+    shapes: list[ConvShape] = []
+    size = image_size
+
+    def add(block, h, cin, cout, kh, kw, stride=1, padding="SAME"):
+        shapes.append(ConvShape(block, h, h, cin, cout, kh, kw, stride, padding))
+        return _out(h, kh, stride, padding)  # the 1xn/nx1 ones are SAME, stride 1: size kept
+
+    size = add("Conv2d_1a_3x3", size, 3, 32, 3, 3, 2, "VALID")
+    size = add("Conv2d_2a_3x3", size, 32, 32, 3, 3, 1, "VALID")
+    size = add("Conv2d_2b_3x3", size, 32, 64, 3, 3, 1, "SAME")
+    size = _out(size, 3, 2, "VALID")  # max pool
+    size = add("Conv2d_3b_1x1", size, 64, 80, 1, 1, 1, "VALID")
+    size = add("Conv2d_4a_3x3", size, 80, 192, 3, 3, 1, "VALID")
+    size = _out(size, 3, 2, "VALID")  # max pool
+    cin = 192
+    for block, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
+        add(block, size, cin, 64, 1, 1)
+        add(block, size, cin, 48, 1, 1)
+        add(block, size, 48, 64, 5, 5)
+        add(block, size, cin, 64, 1, 1)
+        add(block, size, 64, 96, 3, 3)
+        add(block, size, 96, 96, 3, 3)
+        add(block, size, cin, pool_features, 1, 1)
+        cin = 64 + 64 + 96 + pool_features
+    add("Mixed_6a", size, cin, 384, 3, 3, 2, "VALID")
+    add("Mixed_6a", size, cin, 64, 1, 1)
+    add("Mixed_6a", size, 64, 96, 3, 3)
+    add("Mixed_6a", size, 96, 96, 3, 3, 2, "VALID")
+    size, cin = _out(size, 3, 2, "VALID"), 768
+    for block, c in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        add(block, size, cin, 192, 1, 1)
+        add(block, size, cin, c, 1, 1)
+        add(block, size, c, c, 1, 7)
+        add(block, size, c, 192, 7, 1)
+        add(block, size, cin, c, 1, 1)
+        add(block, size, c, c, 7, 1)
+        add(block, size, c, c, 1, 7)
+        add(block, size, c, c, 7, 1)
+        add(block, size, c, 192, 1, 7)
+        add(block, size, cin, 192, 1, 1)
+    add("Mixed_7a", size, cin, 192, 1, 1)
+    add("Mixed_7a", size, 192, 320, 3, 3, 2, "VALID")
+    add("Mixed_7a", size, cin, 192, 1, 1)
+    add("Mixed_7a", size, 192, 192, 1, 7)
+    add("Mixed_7a", size, 192, 192, 7, 1)
+    add("Mixed_7a", size, 192, 192, 3, 3, 2, "VALID")
+    size, cin = _out(size, 3, 2, "VALID"), 1280
+    for block in ("Mixed_7b", "Mixed_7c"):
+        add(block, size, cin, 320, 1, 1)
+        add(block, size, cin, 384, 1, 1)
+        add(block, size, 384, 384, 1, 3)
+        add(block, size, 384, 384, 3, 1)
+        add(block, size, cin, 448, 1, 1)
+        add(block, size, 448, 384, 3, 3)
+        add(block, size, 384, 384, 1, 3)
+        add(block, size, 384, 384, 3, 1)
+        add(block, size, cin, 192, 1, 1)
+        cin = 2048
+    return shapes
+
+
+def conv_flops(shape: ConvShape, batch: int) -> float:
+    """Multiply-adds x 2 of one forward pass of this convolution (its gradients cost the same each)."""
+    ho = _out(shape.height, shape.kh, shape.stride, shape.padding)
+    wo = _out(shape.width, shape.kw, shape.stride, shape.padding)
+    return 2.0 * batch * ho * wo * shape.kh * shape.kw * shape.cin * shape.cout
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_shape(shape: ConvShape, batch: int, formulations: list[str], repeats: int) -> dict:
+    """Seconds of forward, input gradient and kernel gradient for one shape.
+
+    Returns:
+      {"fwd:xla", "fwd:matmul" (1x1 only), "dx:xla", "dx:matmul", "dk:<kernel grad>", ...}.
+    """
+    rng = np.random.default_rng(0)
+    strides = (shape.stride, shape.stride)
+    pads = conv_lib.explicit_padding((shape.height, shape.width), (shape.kh, shape.kw), strides, shape.padding)
+    x = jnp.asarray(rng.normal(size=(batch, shape.height, shape.width, shape.cin)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(shape.kh, shape.kw, shape.cin, shape.cout)), jnp.float32)
+    y = conv_lib.conv_xla(x, k, strides, pads)
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    out = {}
+    out["fwd:xla"] = _median_seconds(
+        jax.jit(lambda a, b: conv_lib.conv_xla(a, b, strides, pads)), (x, k), repeats
+    )
+    out["dx:xla"] = _median_seconds(
+        jax.jit(lambda a, b, c: jax.vjp(lambda a_: conv_lib.conv_xla(a_, b, strides, pads), a)[1](c)[0]),
+        (x, k, g), repeats,
+    )
+    if (shape.kh, shape.kw) == (1, 1):
+        mm = lambda a, b: conv_lib.conv_1x1_matmul(a, b, strides)  # noqa: E731
+        out["fwd:matmul"] = _median_seconds(jax.jit(mm), (x, k), repeats)
+        out["dx:matmul"] = _median_seconds(
+            jax.jit(lambda a, b, c: jax.vjp(lambda a_: mm(a_, b), a)[1](c)[0]), (x, k, g), repeats
+        )
+        out["dk:matmul"] = _median_seconds(
+            jax.jit(lambda a, b, c: jax.vjp(lambda b_: mm(a, b_), b)[1](c)[0]), (x, k, g), repeats
+        )
+    for name in formulations:
+        fn = conv_lib._KERNEL_GRAD_FNS[name]
+        out[f"dk:{name}"] = _median_seconds(
+            jax.jit(lambda a, c, fn=fn: fn(a, c, (shape.kh, shape.kw), strides, pads)),
+            (x, g), repeats,
+        )
+    return out
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model benchmark.
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One benchmark size: images of image_size x image_size x 3, `batch` per step."""
+
+    image_size: int
+    batch: int
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class Runner:
+    """A contestant: `train()` runs one training step, `infer()` one forward pass, both blocking.
+
+    Attributes:
+      name: label in the table.
+      compile_s: seconds to build and compile the train step (first call for Keras).
+      train_flops: XLA cost-analysis FLOPs of one train step (None when unknown).
+      infer_flops: the same for one inference pass.
+    """
+
+    name: str
+    train: Callable[[], None]
+    infer: Callable[[], None]
+    compile_s: float
+    train_flops: float | None = None
+    infer_flops: float | None = None
+
+
+def _batch(setting: Setting, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(setting.batch, setting.image_size, setting.image_size, 3)).astype(np.float32)
+    y = rng.integers(0, 2, size=(setting.batch, 1)).astype(np.float32)
+    return x, y
+
+
+def _flops(compiled) -> float | None:
+    """FLOPs from XLA's cost analysis of a compiled computation (a dict, or a list of them)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _bce_mean(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    try:
+        from nanlab.losses import sigmoid_binary_cross_entropy
+    except ImportError:  # the losses module not landed: optax's is the same formula
+        return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+    return sigmoid_binary_cross_entropy(logits, labels, reduction="mean")
+
+
+def nanlab_runner(setting: Setting, impl: str) -> Runner:
+    """nanlab's InceptionV3 (binary head), Adam, sigmoid BCE; one jitted, donated train step."""
+    from nanlab.models.inception_v3 import InceptionV3
+
+    dtype = jnp.bfloat16 if setting.dtype == "bfloat16" else jnp.float32
+    model = InceptionV3(num_classes=1, dtype=dtype, conv_impl=impl)
+    x_np, y_np = _batch(setting)
+    x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+    variables = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.key(0))
+    tx = optax.adam(1e-3)
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+    def train_step(state, x, y):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
+            return _bce_mean(logits, y), updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    start = time.perf_counter()
+    step = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
+    compile_s = time.perf_counter() - start
+    infer = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    box = {"state": state}
+
+    def train() -> None:
+        box["state"], loss = step(box["state"], x, y)
+        loss.block_until_ready()
+
+    def run_infer() -> None:
+        params, batch_stats, _ = box["state"]
+        np.asarray(infer({"params": params, "batch_stats": batch_stats}, x))
+
+    return Runner(f"nanlab[{impl}]", train, run_infer, compile_s, _flops(step), _flops(infer))
+
+
+def keras_runner(setting: Setting) -> Runner:
+    """keras.applications.InceptionV3 on Keras 3's JAX backend, Adam, BCE from logits."""
+    import keras
+
+    if setting.dtype == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(0)
+    model = keras.applications.InceptionV3(
+        weights=None,
+        classes=1,
+        classifier_activation=None,
+        input_shape=(setting.image_size, setting.image_size, 3),
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    x, y = _batch(setting)
+    start = time.perf_counter()
+    model.train_on_batch(x, y)  # traces and compiles, then runs one step
+    compile_s = time.perf_counter() - start
+    model.predict_on_batch(x)  # compiles the inference function
+    return Runner(
+        "keras-jax",
+        lambda: model.train_on_batch(x, y),
+        lambda: model.predict_on_batch(x),
+        compile_s,
+    )
+
+
+def time_interleaved(runners: list[Runner], kind: str, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each runner's `kind` ("train"/"infer"), in interleaved rounds.
+
+    Returns:
+      {runner name: [seconds of round 0, round 1, ...]} (warm-up rounds dropped).
+    """
+    seconds: dict[str, list[float]] = {r.name: [] for r in runners}
+    for round_ in range(warmup + steps):
+        for runner in runners:
+            fn = getattr(runner, kind)
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                seconds[runner.name].append(elapsed)
+    return seconds
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of speed(numerator)/speed(denominator) = t_den/t_num of the same round."""
+    return statistics.median(d / n for n, d in zip(numerator, denominator))
+
+
+def benchmark_setting(setting: Setting, impls: list[str], with_keras: bool, steps: int, warmup: int) -> list[str]:
+    """Builds the contestants, times them, and returns the markdown rows of this setting."""
+    runners = [nanlab_runner(setting, impl) for impl in impls]
+    if with_keras:
+        runners.append(keras_runner(setting))
+    # Keras's model is the same network: XLA's count for nanlab's step stands for both.
+    train_flops = next((r.train_flops for r in runners if r.train_flops), None)
+    infer_flops = next((r.infer_flops for r in runners if r.infer_flops), None)
+    load_before = os.getloadavg()[0]
+    train = time_interleaved(runners, "train", steps, warmup)
+    infer = time_interleaved(runners, "infer", steps, warmup)
+    load_after = os.getloadavg()[0]
+    baseline = runners[-1].name
+    rows = []
+    for runner in runners:
+        t_train = statistics.median(train[runner.name])
+        t_infer = statistics.median(infer[runner.name])
+        per_image = train_flops / setting.batch if train_flops else float("nan")
+        rows.append(
+            f"| {setting.image_size} | {setting.batch} | {setting.dtype} | {runner.name} "
+            f"| {setting.batch / t_train:.2f} | {setting.batch / t_infer:.2f} "
+            f"| {paired_ratio(train[runner.name], train[baseline]):.2f} "
+            f"| {paired_ratio(infer[runner.name], infer[baseline]):.2f} "
+            f"| {runner.compile_s:.1f} | {per_image / 1e9:.1f} "
+            f"| {(train_flops or float('nan')) / t_train / 1e9:.1f} "
+            f"| {load_before:.1f}-{load_after:.1f} |"
+        )
+    if infer_flops:
+        rows.append(f"<!-- {setting.image_size}x{setting.batch}: inference {infer_flops / setting.batch / 1e9:.1f} GFLOP/image -->")
+    return rows
+
+
+TABLE_HEADER = (
+    "| image | batch | dtype | model | train img/s | infer img/s | train ratio vs last | "
+    "infer ratio vs last | compile s | train GFLOP/img | train GFLOP/s | load 1-min |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def settings_for(mode: str) -> list[Setting]:
+    """The sizes of a mode: quick (smoke check), default (this CPU), full (a GPU)."""
+    if mode == "quick":
+        return [Setting(75, 4)]
+    if mode == "full":
+        return [Setting(299, 128, "bfloat16"), Setting(75, 512, "bfloat16")]
+    return [Setting(299, 8), Setting(75, 32)]
+
+
+def environment_line() -> str:
+    """jax version and backend, device, XLA flags, CPU count, load: what the figures depend on."""
+    return (
+        f"jax {jax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {os.cpu_count()} CPUs, "
+        f"{platform.machine()}, loadavg {tuple(round(v, 1) for v in os.getloadavg())}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+
+
+def run_conv_shapes(image_size: int, batch: int, formulations: list[str], repeats: int) -> None:
+    """Prints the per-convolution timing table (see module docstring)."""
+    counts = collections.Counter(inception_v3_conv_shapes(image_size))
+    print(f"# {environment_line()}; image {image_size}, batch {batch}", flush=True)
+    totals: collections.Counter = collections.Counter()
+    for shape, count in counts.items():
+        gflop = conv_flops(shape, batch) / 1e9
+        times = time_shape(shape, batch, formulations, repeats)
+        for key, seconds in times.items():
+            totals[key] += count * seconds
+        rates = " ".join(f"{key}={gflop / s:6.1f}" for key, s in times.items())
+        print(
+            f"{shape.block:14s} x{count} {shape.height:3d}x{shape.width:<3d} {shape.cin:4d}->{shape.cout:<4d} "
+            f"{shape.kh}x{shape.kw} s{shape.stride} {shape.padding:5s} {gflop:7.3f} GFLOP | GFLOP/s {rates}",
+            flush=True,
+        )
+    print("# seconds weighted by occurrences: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(totals.items())))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a small smoke check (75x75, batch 4, 3 steps)")
+    mode.add_argument("--full", action="store_true", help="GPU sizes: bf16, batch 128 at 299 and 512 at 75")
+    mode.add_argument("--conv-shapes", action="store_true", help="time each convolution shape instead")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after compilation")
+    parser.add_argument("--impls", default="fast,xla", help="nanlab conv_impl values to run")
+    parser.add_argument("--no-keras", action="store_true", help="skip Keras (nanlab only)")
+    parser.add_argument("--image-size", type=int, default=None, help="one setting: this image size")
+    parser.add_argument("--batch", type=int, default=None, help="one setting: this batch size")
+    parser.add_argument("--formulations", default="xla,im2col,taps,swap", help="--conv-shapes: kernel grads")
+    args = parser.parse_args(argv)
+
+    steps = args.steps if args.steps is not None else (3 if args.quick else 7)
+    if steps < 1:
+        return _fail(f"--steps {steps}: need at least 1 timed round")
+    if args.warmup < 0:
+        return _fail(f"--warmup {args.warmup}: must be >= 0")
+    for name, value in (("--image-size", args.image_size), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            return _fail(f"{name} {value}: must be a positive integer")
+    if args.image_size is not None and args.image_size < 75:
+        return _fail(f"--image-size {args.image_size}: InceptionV3 needs >= 75")
+    impls = [i for i in args.impls.split(",") if i]
+    for impl in impls:
+        if impl not in conv_lib.IMPLS:
+            return _fail(f"--impls: unknown {impl!r}; choose from {', '.join(conv_lib.IMPLS)}")
+    formulations = args.formulations.split(",")
+    for name in formulations:
+        if name not in conv_lib.KERNEL_GRADS:
+            return _fail(f"--formulations: unknown {name!r}; choose from {', '.join(conv_lib.KERNEL_GRADS)}")
+
+    if args.conv_shapes:
+        run_conv_shapes(args.image_size or 299, args.batch or 8, formulations, max(steps // 2, 1))
+        return 0
+    settings = settings_for("quick" if args.quick else "full" if args.full else "default")
+    if args.image_size or args.batch:
+        base = settings[0]
+        settings = [dataclasses.replace(base, image_size=args.image_size or base.image_size, batch=args.batch or base.batch)]
+    if not impls and args.no_keras:
+        return _fail("--impls is empty and --no-keras: nothing to run")
+
+    command = "python benchmarks/bench_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"# {command.strip()}")
+    print(f"# {environment_line()}")
+    print(f"# median of {steps} interleaved rounds after {args.warmup} warm-up; ratios: median per-round "
+          f"speed ratio against the last row of the setting ({'keras-jax' if not args.no_keras else impls[-1]})")
+    print(TABLE_HEADER, flush=True)
+    for setting in settings:
+        for row in benchmark_setting(setting, impls, not args.no_keras, steps, args.warmup):
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
