@@ -86,8 +86,8 @@ class Checkpointer:
         """Restore the checkpoint of `step` (default: the latest) into the structure of `target`.
 
         Args:
-          target: a state with the expected structure, shapes, dtypes and shardings (e.g. a
-            freshly initialized state); only its metadata is used.
+          target: a state with the expected structure, shapes, dtypes (and shardings): arrays or
+            `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape` of the init); only metadata is used.
           step: which checkpoint; None for the latest.
 
         Returns:
@@ -126,8 +126,10 @@ def _check_matches(target: Any, restored: Any, where: Path) -> None:
             f"checkpoint {where} does not match this run: {len(restored_leaves)} arrays, expected {len(target_leaves)}"
         )
     for (path, want), got in zip(target_leaves, restored_leaves):
-        if np.shape(want) != np.shape(got) or np.asarray(want).dtype != np.asarray(got).dtype:
+        # Targets may be arrays or jax.ShapeDtypeStructs: compare only shape and dtype.
+        want_dtype, got_dtype = np.dtype(want.dtype), np.dtype(got.dtype)
+        if tuple(want.shape) != tuple(got.shape) or want_dtype != got_dtype:
             raise CheckpointError(
                 f"checkpoint {where} does not match this run at {jax.tree_util.keystr(path)}: "
-                f"{np.asarray(got).dtype}{list(np.shape(got))}, expected {np.asarray(want).dtype}{list(np.shape(want))}"
+                f"{got_dtype}{list(got.shape)}, expected {want_dtype}{list(want.shape)}"
             )

@@ -1,0 +1,583 @@
+"""`python -m nanlab.train`: train the Flax InceptionV3 with a sigmoid cross-entropy head, and report.
+
+The CLI is thin: flags -> `TrainConfig` (`nanlab.config.make_config`) -> `run(config)` -> exit code.
+Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 3 the run went
+non-finite (report.json written into the workdir).
+
+The loop: each step is one jitted call with donated state. The sentinel's flags stay on the device;
+the host reads them only at log intervals. A non-finite step freezes the state on the device (the
+step returns its input state, and every later step of the interval is a no-op), so at the next sync
+the loop holds exactly the state before the failing step: it replays that step un-jitted through
+`nanlab.trace.localize`, runs `nanlab.diagnose.diagnose`, prints both, writes report.json and exits 3.
+With --skip-nonfinite the guard drops the update and the run goes on; the loop then reads the
+one-bool sentinel every step until the first event is recorded, so that event's replay starts from
+the state the event saw (parameters, BatchNorm and optimizer moments are untouched by a skipped
+step; only the step counter is rewound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from nanlab import config as config_lib
+
+PROG = "nanlab.train"
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
+RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "report.json")
+
+
+class BadInput(ValueError):
+    """A problem with the user's input: reported as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse's hook
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _preset_default(field: str) -> str:
+    cpu = config_lib.TrainConfig().to_dict()[field]
+    accelerator = config_lib.PRESET_OVERRIDES["accelerator"].get(field, cpu)
+    if cpu == accelerator:
+        return f"default: {cpu}"
+    return f"default: {cpu} on CPU, {accelerator} on an accelerator"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; every flag's help states its default.
+
+    Flags left out stay None (booleans too), so that `make_config` can tell an explicit flag
+    (which wins over the scenario) from a default.
+    """
+    p = _Parser(
+        prog=f"python -m {PROG}",
+        description="Train the Flax InceptionV3 (sigmoid cross-entropy head) and report on its numerical "
+        "health. Exit codes: 0 ok, 2 bad input, 3 non-finite (report.json written).",
+    )
+    d = _preset_default
+    add = p.add_argument
+    add("--scenario", help=f"failure recipe to reproduce: {', '.join(config_lib.SCENARIOS)} ({d('scenario')})")
+    add("--list-scenarios", action="store_true", default=None, help="print the scenarios and their overrides, then exit")
+    add("--preset", help=f"size preset: {', '.join(config_lib.PRESETS)} (default: cpu on a CPU, accelerator otherwise)")
+    add("--steps", type=int, help=f"total training steps ({d('steps')})")
+    add("--batch-size", type=int, help=f"global batch size, split over devices ({d('batch_size')})")
+    add("--seed", type=int, help=f"seed of init, dropout and data order ({d('seed')})")
+    add("--data", help="'builtin' (binary stripes), 'builtin-multilabel', an image folder (one subfolder per "
+        f"class) or an .npz with x and y ({d('data')})")
+    add("--image-size", type=int, help=f"square input side, >= 75 ({d('image_size')})")
+    add("--num-train", type=int, help=f"training examples of the built-in data ({d('num_train')})")
+    add("--num-val", type=int, help=f"validation examples of the built-in data ({d('num_val')})")
+    add("--normalize", help=f"input normalization: {', '.join(config_lib.NORMALIZE_MODES)} ({d('normalize')})")
+    add("--input-scale", type=float, help=f"factor on the raw pixels before normalization ({d('input_scale')})")
+    add("--width-multiplier", type=float, help=f"InceptionV3 channel multiplier ({d('width_multiplier')})")
+    add("--hidden-activation", help=f"{', '.join(config_lib.HIDDEN_ACTIVATIONS)} ({d('hidden_activation')})")
+    add("--batchnorm", dest="use_batchnorm", action=argparse.BooleanOptionalAction, default=None,
+        help=f"BatchNorm after each convolution ({d('use_batchnorm')})")
+    add("--dtype", help=f"compute dtype: {', '.join(config_lib.DTYPES)} ({d('dtype')})")
+    add("--dropout-rate", type=float, help=f"dropout before the head ({d('dropout_rate')})")
+    add("--bn-recalibration-batches", type=int, help="evaluate with BatchNorm moments recomputed on this many "
+        f"training batches under the current weights (precise BN); 0: the running averages ({d('bn_recalibration_batches')})")
+    add("--loss", help=f"{', '.join(config_lib.LOSSES)} ({d('loss')})")
+    add("--optimizer", help=f"{', '.join(config_lib.OPTIMIZERS)} ({d('optimizer')})")
+    add("--lr", type=float, help=f"peak learning rate ({d('lr')})")
+    add("--schedule", help=f"{', '.join(config_lib.SCHEDULES)} ({d('schedule')})")
+    add("--warmup-steps", type=int, help=f"warmup of warmup-cosine ({d('warmup_steps')})")
+    add("--weight-decay", type=float, help=f"decoupled weight decay for adamw, L2 otherwise ({d('weight_decay')})")
+    add("--clip", help="gradient processing chain: none, global_norm:X, value:X, agc:X, or several joined "
+        f"by commas, e.g. agc:0.01,global_norm:5 ({d('clip')})")
+    add("--skip-nonfinite", action="store_true", default=None,
+        help="drop non-finite updates (params and optimizer state untouched), count them and go on (default: off)")
+    add("--debug-nans", action="store_true", default=None,
+        help="run with JAX's jax_debug_nans for this run only; its FloatingPointError gives the same report "
+        "and exit code 3 (default: off)")
+    add("--debug-infs", action="store_true", default=None, help="same with jax_debug_infs (default: off)")
+    add("--workdir", help="output directory (default: runs/<timestamp>-<scenario>)")
+    add("--resume", action="store_true", default=None, help="continue the run in --workdir from its last checkpoint")
+    add("--overwrite", action="store_true", default=None, help="replace a run already in --workdir")
+    add("--log-every", type=int, help=f"steps between metrics rows and host syncs ({d('log_every')})")
+    add("--eval-every", type=int, help=f"steps between validation passes; 0: only at the end ({d('eval_every')})")
+    add("--stats-every", type=int, help="steps between per-module grad norms and activation max|a| rows; "
+        f"0: never ({d('stats_every')})")
+    add("--checkpoint-every", type=int, help=f"steps between checkpoints; 0: only at the end ({d('checkpoint_every')})")
+    add("--keep-checkpoints", type=int, help=f"checkpoints kept ({d('keep_checkpoints')})")
+    add("--tensorboard", action="store_true", default=None, help="also write TensorBoard events to <workdir>/tb")
+    add("--plots", action=argparse.BooleanOptionalAction, default=None, help=f"write PNG plots ({d('plots')})")
+    add("--progress", action=argparse.BooleanOptionalAction, default=None, help=f"live progress bar ({d('progress')})")
+    add("--data-parallel", action=argparse.BooleanOptionalAction, default=None,
+        help="shard the batch over all local devices when there are several (default: on)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, *, backend: str | None = None) -> config_lib.TrainConfig:
+    """The TrainConfig of parsed flags: only flags given explicitly override preset and scenario."""
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k != "list_scenarios"}
+    return config_lib.make_config(explicit, backend=backend)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, build the config and run it.
+
+    Returns:
+      The exit code (0 ok, 2 bad input, 3 non-finite).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    if args.list_scenarios:
+        print(config_lib.describe_scenarios())
+        return EXIT_OK
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        return _bad_input(error)
+    return run(config)
+
+
+def _bad_input(error: Exception) -> int:
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def default_workdir(config: config_lib.TrainConfig) -> Path:
+    """runs/<UTC timestamp>-<scenario>."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{config.scenario}"
+
+
+def check_workdir(workdir: Path, config: config_lib.TrainConfig) -> None:
+    """Refuse a workdir that cannot be written, or that holds a run without --resume/--overwrite.
+
+    Raises:
+      BadInput: with one line naming the workdir and the problem.
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise BadInput(f"workdir {workdir} exists and is not a directory")
+    holds_run = workdir.is_dir() and any((workdir / marker).exists() for marker in RUN_MARKERS)
+    if config.resume and not (workdir / "checkpoints").is_dir():
+        raise BadInput(f"--resume: no checkpoint in workdir {workdir}")
+    if holds_run and not (config.resume or config.overwrite):
+        raise BadInput(f"workdir {workdir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".nanlab-write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise BadInput(f"workdir {workdir} is not writable: {error.strerror or error}") from None
+
+
+def load_data(config: config_lib.TrainConfig):
+    """The config's dataset, scaled by input_scale and normalized; plus raw and normalized input stats.
+
+    Returns:
+      (Dataset with normalized x, {"raw": stats, "normalized": stats}).
+
+    Raises:
+      BadInput: unreadable data, or a batch larger than the training set.
+    """
+    from nanlab import data as data_lib
+
+    try:
+        if config.data in ("builtin", "builtin-multilabel"):
+            kind = "binary" if config.data == "builtin" else "multilabel"
+            dataset = data_lib.builtin_dataset(kind, config.image_size, config.num_train, config.num_val, config.seed)
+        else:
+            dataset = data_lib.load_dataset(config.data, config.image_size, config.seed)
+    except ValueError as error:  # DataError is a ValueError
+        raise BadInput(f"--data {config.data}: {error}") from None
+    if config.batch_size > len(dataset.x_train):
+        raise BadInput(f"--batch-size {config.batch_size} is larger than the training set ({len(dataset.x_train)} examples)")
+    x_train = dataset.x_train * np.float32(config.input_scale)
+    x_val = dataset.x_val * np.float32(config.input_scale)
+    normalizer = data_lib.fit_normalizer(x_train, config.normalize)
+    x_train = data_lib.normalize(x_train, config.normalize, normalizer)
+    x_val = data_lib.normalize(x_val, config.normalize, normalizer)
+    stats = {"raw": data_lib.input_stats(dataset.x_train * np.float32(config.input_scale)),
+             "normalized": data_lib.input_stats(x_train)}
+    import dataclasses
+
+    return dataclasses.replace(dataset, x_train=x_train, x_val=x_val), stats
+
+
+def build_model(config: config_lib.TrainConfig, num_classes: int):
+    """The InceptionV3 of the config."""
+    import jax.numpy as jnp
+
+    from nanlab.models.inception_v3 import InceptionV3
+
+    return InceptionV3(
+        num_classes=num_classes,
+        hidden_activation=config.hidden_activation,
+        use_batchnorm=config.use_batchnorm,
+        width_multiplier=config.width_multiplier,
+        dtype=jnp.dtype(config.dtype),
+        dropout_rate=config.dropout_rate,
+    )
+
+
+def build_loss(config: config_lib.TrainConfig):
+    """The per-element loss function named by config.loss (from nanlab.losses)."""
+    from nanlab import losses
+
+    return getattr(losses, config.loss)
+
+
+class _Placer:
+    """Puts host batches on the devices: sharded over a 1-D mesh when data-parallel, else as is."""
+
+    def __init__(self, config: config_lib.TrainConfig):
+        import jax
+
+        from nanlab import data as data_lib
+
+        self.mesh = None
+        if config.data_parallel and jax.device_count() > 1:
+            if config.batch_size % jax.device_count():
+                raise BadInput(
+                    f"--batch-size {config.batch_size} is not divisible by the {jax.device_count()} devices; "
+                    "use a multiple or --no-data-parallel"
+                )
+            self.mesh = data_lib.make_mesh()
+        self._data = data_lib
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def batch(self, tree):
+        """Place a global host batch; with several processes each passes only its own slice."""
+        import jax
+
+        if self.mesh is None:
+            return jax.device_put(tree)
+        if jax.process_count() > 1:
+            # Every process computes the same global batch (batch_at is pure); it feeds its share.
+            index, count = jax.process_index(), jax.process_count()
+            tree = jax.tree.map(lambda a: np.array_split(a, count)[index], tree)
+        return self._data.shard_batch(tree, self.mesh)
+
+    def state(self, tree):
+        return tree if self.mesh is None else self._data.replicate(tree, self.mesh)
+
+
+def _nonfinite_quantities(stats) -> list[str]:
+    return [name for name, flag in (("loss", stats.loss_finite), ("gradients", stats.grads_finite),
+                                    ("updates", stats.updates_finite)) if not bool(flag)]
+
+
+def _metrics_row(step: int, stats, *, images_per_s: float | None, with_module_stats: bool) -> dict[str, Any]:
+    row = {
+        "step": step,
+        "loss": float(stats.loss),
+        "accuracy": float(stats.accuracy),
+        "grad_norm": float(stats.grad_norm),
+        "param_norm": float(stats.param_norm),
+        "update_ratio": float(stats.update_ratio),
+        "lr": float(stats.lr),
+        "skipped": int(stats.total_skipped),
+        "images_per_s": images_per_s,
+    }
+    if with_module_stats:
+        row["module_grad_norms"] = {k: float(v) for k, v in stats.module_grad_norms.items()}
+        row["activation_max_abs"] = {k: float(v) for k, v in stats.activation_max_abs.items()}
+    return row
+
+
+def _evaluate(eval_fn, moments_fn, state, dataset, config, placer) -> dict[str, float]:
+    from nanlab import data as data_lib
+    from nanlab import step as step_lib
+
+    num_batches = min(config.bn_recalibration_batches, len(dataset.x_train) // config.batch_size)
+    calibration = (placer.batch(dataset.x_train[i * config.batch_size:(i + 1) * config.batch_size])
+                   for i in range(num_batches))
+    state = step_lib.recalibrated(state, moments_fn, calibration)
+
+    totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
+    for xb, yb, weights in data_lib.eval_batches(dataset.x_val, dataset.y_val, config.batch_size):
+        out = eval_fn(state, placer.batch((xb, yb)), placer.batch(weights))
+        for key in totals:
+            totals[key] += float(out[key])
+    count = max(totals["count"], 1.0)
+    return {"val_loss": totals["loss_sum"] / count, "val_accuracy": totals["correct_sum"] / count}
+
+
+def _report_nonfinite(*, workdir: Path, step: int, quantities: list[str], train_step, state, batch,
+                      history: list[dict], jax_error: str | None = None) -> dict[str, Any]:
+    """Replay the failing step through trace.localize, diagnose it, print and write report.json.
+
+    Returns:
+      The report.json payload.
+    """
+    import jax
+
+    from nanlab import diagnose, trace
+    from nanlab.runlog import write_json
+
+    host_state, host_batch = jax.device_get((state, batch))
+    what = ", ".join(quantities) if quantities else "a value (jax_debug_nans/infs)"
+    print(f"{PROG}: step {step} went non-finite: {what}; replaying it to localize the origin...", file=sys.stderr)
+    report = trace.localize(train_step, host_state, host_batch)
+    verdict = diagnose.diagnose(report, batch=host_batch, history=history)
+    print(f"\nnon-finite at step {step}: {what}")
+    if jax_error:
+        print(f"JAX: {jax_error.splitlines()[0]}")
+    print(report)
+    print(f"\nverdict: {verdict.cause}")
+    for line in verdict.evidence:
+        print(f"  - {line}")
+    print(f"fix: {verdict.fix}")
+    payload = {
+        "step": step,
+        "nonfinite": quantities,
+        "jax_error": jax_error,
+        "report": report.to_dict(),
+        "verdict": verdict.to_dict(),
+    }
+    write_json(workdir / "report.json", payload)
+    return payload
+
+
+def _history_verdict(history: list[dict]) -> dict[str, Any] | None:
+    """diagnose's verdict on a run that stayed finite (e.g. vanishing gradients); None if healthy."""
+    from nanlab import diagnose
+
+    if hasattr(diagnose, "diagnose_history"):
+        verdict = diagnose.diagnose_history(history)
+    else:
+        verdict = diagnose.diagnose(None, batch=None, history=history)
+    if verdict is None or verdict.cause in ("none", "healthy", ""):
+        return None
+    return verdict.to_dict()
+
+
+def run(config: config_lib.TrainConfig) -> int:
+    """Train as `config` says; write the run's record into its workdir.
+
+    Args:
+      config: a validated TrainConfig.
+
+    Returns:
+      The exit code: 0 ok, 2 bad input (one line on stderr), 3 non-finite (report.json written).
+    """
+    try:
+        return _run(config)
+    except BadInput as error:
+        return _bad_input(error)
+
+
+def _prepare_workdir(config: config_lib.TrainConfig) -> Path:
+    workdir = Path(config.workdir) if config.workdir else default_workdir(config)
+    check_workdir(workdir, config)
+    return workdir
+
+
+def _run(config: config_lib.TrainConfig) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from nanlab import optim
+    from nanlab import step as step_lib
+    from nanlab.checkpoint import CheckpointError, Checkpointer
+    from nanlab.models.inception_v3 import BN_MOMENTUM
+    from nanlab.runlog import RunLog
+
+    wall_start = time.perf_counter()
+    workdir = _prepare_workdir(config)
+    dataset, input_stats = load_data(config)
+    placer = _Placer(config)
+    model = build_model(config, dataset.num_classes)
+    loss_fn = build_loss(config)
+    schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
+    tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
+    sample_x = jnp.zeros((config.batch_size,) + dataset.x_train.shape[1:], jnp.float32)
+    init = jax.jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed))
+
+    start_step = 0
+    if config.resume:
+        checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+        try:
+            # The state's shapes suffice as the restore target: tracing init, not compiling it.
+            start_step, state = checkpointer.restore(jax.eval_shape(init, sample_x))
+        except CheckpointError as error:
+            raise BadInput(str(error)) from None
+        state = placer.state(state)
+        if start_step >= config.steps:
+            raise BadInput(f"--resume: the checkpoint is at step {start_step}, already at --steps {config.steps}")
+    else:
+        if config.overwrite:
+            for marker in RUN_MARKERS + ("tb",) + tuple(f.name for f in workdir.glob("*.png")):
+                path = workdir / marker
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+        state = placer.state(init(sample_x))
+
+    # One executable, activation statistics included whenever they are asked for at all: on a CPU,
+    # compiling a second InceptionV3 step variant costs as much as the first (minutes on 2 cores),
+    # while the ~20 max|a| reductions over activations the step already holds are a small share of
+    # a step's work. They are read back only every --stats-every steps.
+    train_step = step_lib.make_train_step(model, loss_fn, tx, schedule=schedule, skip_nonfinite=config.skip_nonfinite,
+                                          collect_stats=config.stats_every > 0)
+
+    def guarded(step_fn):
+        # `ok` turns False at the first non-finite step (without skipping) and freezes the state
+        # from then on, so the host may look only at log intervals and still find the exact
+        # state before the failure.
+        def loop_step(state, batch, ok):
+            new_state, stats = step_fn(state, batch)
+            new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+            still_ok = ok & (stats.finite | config.skip_nonfinite)
+            return new_state, stats, still_ok
+
+        debugging = config.debug_nans or config.debug_infs
+        # jax_debug_nans re-runs a failing call un-jitted on its arguments: they must not be donated.
+        return jax.jit(loop_step, donate_argnums=() if debugging else (0,))
+
+    step_fn = guarded(train_step)
+    eval_fn = jax.jit(step_lib.make_eval_step(model, loss_fn))
+    moments_fn = jax.jit(step_lib.make_batch_moments_fn(model, BN_MOMENTUM))
+
+    summary: dict[str, Any] = {
+        "preset": config.preset,
+        "scenario": config.scenario,
+        "workdir": str(workdir),
+        "devices": placer.num_devices,
+        "backend": jax.default_backend(),
+        "input_stats": input_stats,
+        "resumed_from": start_step if config.resume else None,
+    }
+    runlog = RunLog(workdir, {**config.to_dict(), "workdir": str(workdir)}, total_steps=config.steps,
+                    start_step=start_step, progress=config.progress, tensorboard=config.tensorboard)
+    print(f"{PROG}: preset {config.preset}, scenario {config.scenario}, {placer.num_devices} device(s), "
+          f"inputs raw {_fmt_stats(input_stats['raw'])} -> normalized {_fmt_stats(input_stats['normalized'])}",
+          file=sys.stderr)
+
+    def batch_of(step):
+        from nanlab import data as data_lib
+
+        return data_lib.batch_at(dataset.x_train, dataset.y_train, step, config.batch_size, config.seed)
+
+    ok = placer.state(jnp.bool_(True))
+    pending: list[tuple[int, Any]] = []
+    first_event: dict[str, Any] | None = None
+    exit_code = EXIT_OK
+    step = start_step
+    interval_start, interval_step = time.perf_counter(), start_step
+    debug = contextlib.ExitStack()
+    debug.enter_context(jax.debug_nans(config.debug_nans))
+    debug.enter_context(jax.debug_infs(config.debug_infs))
+    try:
+        with debug:
+            while step < config.steps:
+                batch = placer.batch(batch_of(step))
+                with_stats = config.stats_every > 0 and (step + 1) % config.stats_every == 0
+                try:
+                    state, stats, ok = step_fn(state, batch, ok)
+                except FloatingPointError as error:
+                    runlog.close()
+                    _report_nonfinite(workdir=workdir, step=step, quantities=[], train_step=train_step,
+                                      state=state, batch=batch_of(step), history=runlog.rows, jax_error=str(error))
+                    exit_code = EXIT_NONFINITE
+                    summary.update(status="non-finite", failed_step=step, jax_error=str(error).splitlines()[0])
+                    break
+                pending.append((step, stats))
+                step += 1
+                eval_due = step == config.steps or (config.eval_every and step % config.eval_every == 0)
+                ckpt_due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                watch_skips = config.skip_nonfinite and first_event is None
+                if not (step % config.log_every == 0 or with_stats or eval_due or ckpt_due or watch_skips):
+                    continue
+                host = jax.device_get([s for _, s in pending])
+                bad = [(k, s) for (k, _), s in zip(pending, host) if not bool(s.finite)]
+                pending = []
+                if bad and not config.skip_nonfinite:
+                    failed_step, failed_stats = bad[0]
+                    runlog.close()
+                    quantities = _nonfinite_quantities(failed_stats)
+                    _report_nonfinite(workdir=workdir, step=failed_step, quantities=quantities,
+                                      train_step=train_step, state=state, batch=batch_of(failed_step),
+                                      history=runlog.rows)
+                    summary.update(status="non-finite", failed_step=failed_step, nonfinite=quantities,
+                                   last_finite_loss=runlog.rows[-1]["loss"] if runlog.rows else None)
+                    exit_code = EXIT_NONFINITE
+                    break
+                if bad and first_event is None:
+                    failed_step, failed_stats = bad[0]
+                    quantities = _nonfinite_quantities(failed_stats)
+                    # A skipped step changed only the step counter (and the guard's counters).
+                    pre_state = state.replace(step=jnp.asarray(failed_step, jnp.int32))
+                    payload = _report_nonfinite(workdir=workdir, step=failed_step, quantities=quantities,
+                                                train_step=train_step, state=pre_state,
+                                                batch=batch_of(failed_step), history=runlog.rows)
+                    first_event = {"step": failed_step, "nonfinite": quantities,
+                                   "cause": payload["verdict"]["cause"]}
+                last = host[-1]
+                if step % config.log_every == 0 or with_stats or eval_due or ckpt_due:
+                    now = time.perf_counter()
+                    images_per_s = (step - interval_step) * config.batch_size / (now - interval_start)
+                    row = _metrics_row(step, last, images_per_s=images_per_s if interval_step > start_step else None,
+                                       with_module_stats=with_stats)
+                    if eval_due:
+                        row.update(_evaluate(eval_fn, moments_fn, state, dataset, config, placer))
+                    runlog.log(row)
+                    if ckpt_due:
+                        checkpointer.save(step, state)
+                    interval_start, interval_step = time.perf_counter(), step
+    finally:
+        runlog.close()
+        checkpointer.close()
+
+    rows = runlog.rows
+    summary.update(
+        steps=step if exit_code == EXIT_OK else summary.get("failed_step"),
+        wall_s=round(time.perf_counter() - wall_start, 2),
+    )
+    if exit_code == EXIT_OK:
+        summary["status"] = "ok"
+        final = rows[-1] if rows else {}
+        summary.update(
+            final_loss=final.get("loss"),
+            val_loss=final.get("val_loss"),
+            val_accuracy=final.get("val_accuracy"),
+            skipped_steps=final.get("skipped", 0),
+            images_per_s=_median([r["images_per_s"] for r in rows if r.get("images_per_s")]),
+        )
+        if first_event is not None:
+            summary["first_nonfinite"] = first_event
+        verdict = _history_verdict(rows)
+        if verdict is not None:
+            summary["verdict"] = verdict
+    runlog.finish(summary, plots=config.plots)
+    return exit_code
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def _fmt_stats(stats: dict[str, float]) -> str:
+    return "[" + ", ".join(f"{k} {v:.3g}" for k, v in stats.items() if isinstance(v, (int, float)) and math.isfinite(v)) + "]"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
