@@ -37,7 +37,8 @@ Inputs: NHWC, height and width >= 75 (as Keras), any number of channels.
 
 Statistics: when the caller makes the 'stats' collection mutable
 (`model.apply(variables, x, train=..., mutable=['stats'])`), every block sows
-`stats[block] = {'max_abs': max |output|, 'nonfinite': count of NaN/inf in the output}`;
+`stats[block] = {'max_abs': largest finite |output|, 'nonfinite': count of NaN/inf in the
+output}`;
 otherwise `sow` is a no-op and nothing is computed. `activation_stats` flattens the
 collection; `module_grad_norms` gives the global gradient norm per block from a params tree.
 """
@@ -49,6 +50,7 @@ from typing import Any, Callable, Mapping, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nanlab.models.conv import Conv
 
@@ -61,6 +63,10 @@ MIN_CHANNELS = 8
 # `momentum`, so the number carries over as is.
 BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
+
+# Keras's default kernel initializer for Conv2D and Dense; biases and BatchNorm's beta start
+# at zero, moving means at zero, moving variances at one (also Keras's and flax's defaults).
+KERNEL_INIT = nn.initializers.glorot_uniform()
 
 # The top-level blocks, in network order (names of `stats` entries and of params subtrees).
 BLOCK_NAMES: tuple[str, ...] = (
@@ -129,7 +135,7 @@ def scaled_channels(channels: int, width_multiplier: float) -> int:
 
 
 def _sow_block_stats(module: nn.Module, y: jax.Array) -> None:
-    """Sows max |y| and the count of non-finite entries of a block's output into 'stats'.
+    """Sows max finite |y| and the count of NaN/inf entries of a block's output into 'stats'.
 
     A Python check of the collection's mutability (static, not a traced value) skips the
     reductions entirely when the caller did not ask for statistics; `init` sows nothing,
@@ -137,10 +143,12 @@ def _sow_block_stats(module: nn.Module, y: jax.Array) -> None:
     """
     if module.is_initializing() or not module.is_mutable_collection("stats"):
         return
-    # float32 so a bf16 model reports its maximum without a second rounding, and NaN
-    # propagates through max (a NaN anywhere makes max_abs NaN, which is the signal).
-    max_abs = jnp.max(jnp.abs(y.astype(jnp.float32)))
-    nonfinite = jnp.sum(jnp.logical_not(jnp.isfinite(y)), dtype=jnp.int32)
+    finite = jnp.isfinite(y)
+    # The largest FINITE magnitude: whether a max reduction propagates NaN differs between
+    # XLA backends (CPU's vectorized max drops it), so non-finite entries are masked out and
+    # counted separately. float32 so a bf16 model's maximum is not rounded again.
+    max_abs = jnp.max(jnp.where(finite, jnp.abs(y.astype(jnp.float32)), 0.0))
+    nonfinite = jnp.sum(jnp.logical_not(finite), dtype=jnp.int32)
     # Combine rather than overwrite, should a block ever run twice in one apply.
     module.sow("stats", "max_abs", max_abs, init_fn=lambda: -jnp.inf, reduce_fn=jnp.maximum)
     module.sow("stats", "nonfinite", nonfinite, init_fn=lambda: 0, reduce_fn=jnp.add)
@@ -175,6 +183,7 @@ class ConvBN(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
             impl=self.conv_impl,
+            kernel_init=KERNEL_INIT,
             name="Conv",
         )(x)
         if self.use_batchnorm:
@@ -365,7 +374,7 @@ class InceptionAux(_Block):
             self.num_classes,
             dtype=jnp.float32,
             param_dtype=jnp.float32,
-            kernel_init=nn.initializers.glorot_uniform(),
+            kernel_init=KERNEL_INIT,
             name="Dense",
         )(features)
         _sow_block_stats(self, logits)
@@ -388,7 +397,7 @@ class Head(nn.Module):
             self.num_classes,
             dtype=jnp.float32,
             param_dtype=jnp.float32,
-            kernel_init=nn.initializers.glorot_uniform(),
+            kernel_init=KERNEL_INIT,
             name="Dense",
         )(features)
         _sow_block_stats(self, logits)
@@ -492,6 +501,57 @@ def predict(model: InceptionV3, variables: Mapping[str, Any], x: jax.Array) -> j
     if not model.include_top:
         raise ValueError("predict needs include_top=True (the model returns features otherwise)")
     return jax.nn.sigmoid(model.apply(variables, x, train=False))
+
+
+def abstract_variables(model: InceptionV3, image_shape=(75, 75, 3)) -> dict[str, Any]:
+    """Shapes and dtypes of the model's variables (jax.eval_shape of `init`: costs nothing).
+
+    Args:
+      model: the InceptionV3.
+      image_shape: (height, width, channels) of one input image.
+
+    Returns:
+      {'params', 'batch_stats'?} of jax.ShapeDtypeStruct leaves.
+    """
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def init_variables(model: InceptionV3, key: jax.Array, image_shape=(75, 75, 3)) -> dict[str, Any]:
+    """Variables drawn from model.init's distributions with ONE random draw.
+
+    `model.init` samples each of the ~200 parameters with its own threefry call, and XLA's
+    CPU compiler takes tens of seconds over those; here one uniform draw in [-1, 1) is cut
+    into the kernels and scaled to Glorot-uniform's bound sqrt(6 / (fan_in + fan_out)),
+    which compiles in a few seconds. Same shapes and distributions as `model.init`
+    (KERNEL_INIT, zero biases and betas, zero means, unit variances), other values.
+
+    Args:
+      model: the InceptionV3.
+      key: a jax PRNG key; the result is a deterministic function of it.
+      image_shape: (height, width, channels) of one input image (shapes only).
+
+    Returns:
+      {'params', 'batch_stats'?} of float32 arrays.
+    """
+    abstract = abstract_variables(model, image_shape)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    names = [tuple(getattr(k, "key", str(k)) for k in path) for path, _ in flat]
+    sizes = [leaf.size if name[-1] == "kernel" else 0 for name, (_, leaf) in zip(names, flat)]
+    noise = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    leaves, offset = [], 0
+    for name, (_, leaf), size in zip(names, flat, sizes):
+        if name[-1] == "kernel":
+            receptive = int(np.prod(leaf.shape[:-2])) if len(leaf.shape) > 2 else 1
+            fan_in, fan_out = receptive * leaf.shape[-2], receptive * leaf.shape[-1]
+            bound = np.sqrt(6.0 / (fan_in + fan_out))
+            leaves.append(bound * noise[offset : offset + size].reshape(leaf.shape))
+            offset += size
+        elif name[-1] == "var":
+            leaves.append(jnp.ones(leaf.shape, leaf.dtype))
+        else:  # biases, betas, moving means
+            leaves.append(jnp.zeros(leaf.shape, leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def activation_stats(stats_collection: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
