@@ -448,3 +448,17 @@ def test_localizes_a_planted_overflow_in_the_full_inception_v3_train_step_in_und
     assert (report.origin.phase, report.origin.cause) == ("forward", "overflow"), str(report)
     assert report.bad_inputs == []
     assert elapsed < 120, f"localize took {elapsed:.0f} s\n{report}"
+
+
+def test_auto_mode_counts_repeated_layers_once():
+    from nanlab.trace import _signature_counts
+
+    def deep(x):
+        for _ in range(20):  # twenty identical layers: one distinct signature each for tanh and mul
+            x = jnp.tanh(x) * 1.5
+        return x
+
+    leaves, unique = _signature_counts(jax.make_jaxpr(deep)(jnp.ones(3)).jaxpr)
+    assert (leaves, unique) == (40, 2)
+    report = localize(deep, jnp.ones(3))  # auto picks eager here; still no false alarm
+    assert not report.found and report.num_equations == 40
