@@ -491,7 +491,7 @@ def _leaf_count(jaxpr_ref: Any) -> int | None:
             return None
         if name in _CALL_PRIMITIVES and _sub_jaxpr(eqn.params, *_CALL_PRIMITIVES[name]) is not None:
             sub, _ = _sub_jaxpr(eqn.params, *_CALL_PRIMITIVES[name])
-            inner = _leaf_count(_WeakJaxpr(sub))
+            inner = _leaf_count(_JaxprKey(sub))
             if inner is None:
                 return None
             total += inner
@@ -507,7 +507,7 @@ def _eqn_leaves(eqn: Any) -> int | None:
     if name in _CONTROL_FLOW:
         return None
     if name in _CALL_PRIMITIVES and _sub_jaxpr(eqn.params, *_CALL_PRIMITIVES[name]) is not None:
-        return _leaf_count(_WeakJaxpr(_sub_jaxpr(eqn.params, *_CALL_PRIMITIVES[name])[0]))
+        return _leaf_count(_JaxprKey(_sub_jaxpr(eqn.params, *_CALL_PRIMITIVES[name])[0]))
     return None if any(True for _ in jcore.jaxprs_in_params(eqn.params)) else 1
 
 
@@ -569,13 +569,13 @@ class _Interpreter:
         for v, a in zip(jaxpr.invars, args):
             env[v] = a
         in_transpose = "transpose" in _transforms(ctx.stack) or ctx.phase == "backward"
-        ref = _WeakJaxpr(jaxpr)
+        ref = _JaxprKey(jaxpr)
         live = _cached_live(ref, tuple(bool(f) for f in out_live), in_transpose)
         last_use = self._last_use(jaxpr)
         if self.tracing is not None:  # inside a segment being traced: inline everything
             self._eager_range(jaxpr, 0, len(jaxpr.eqns), env, ctx, live, {})
             return [self._read(env, v) for v in jaxpr.outvars]
-        for start, end, jittable in _segments(_WeakJaxpr(jaxpr), self.segment_size):
+        for start, end, jittable in _segments(_JaxprKey(jaxpr), self.segment_size):
             if jittable:
                 self._run_range(jaxpr, start, end, env, ctx, live)
             else:
@@ -937,8 +937,8 @@ class _Interpreter:
         return (primitive if primitive in pool else pool[-1]), _format_frame(frames[0])
 
 
-class _WeakJaxpr:
-    """Hashable handle to a jaxpr for the liveness cache (jaxprs hash by identity)."""
+class _JaxprKey:
+    """Hashable handle to a jaxpr for the analysis caches (equal only to a handle of the same object)."""
 
     def __init__(self, jaxpr: jcore.Jaxpr):
         self.jaxpr = jaxpr
@@ -950,7 +950,7 @@ class _WeakJaxpr:
         return id(self.jaxpr)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _WeakJaxpr) and other.jaxpr is self.jaxpr
+        return isinstance(other, _JaxprKey) and other.jaxpr is self.jaxpr
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -1045,8 +1045,13 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
         input_roots[key] = "nan-input" if _has_nan(leaf) else "inf-input"
         bad_inputs.append(jax.tree_util.keystr(path))
         inputs.append(_Value(leaf, frozenset({key}), False))
-    with jax.debug_nans(False), jax.debug_infs(False):  # we want the values, not an exception
-        outs = interp.run(closed.jaxpr, closed.consts, inputs, _Context(), [True] * len(closed.jaxpr.outvars))
+    try:
+        with jax.debug_nans(False), jax.debug_infs(False):  # we want the values, not an exception
+            outs = interp.run(closed.jaxpr, closed.consts, inputs, _Context(),
+                              [True] * len(closed.jaxpr.outvars))
+    finally:
+        for cache in (_cached_live, _leaf_count, _segments):
+            cache.cache_clear()  # the keys hold this function's jaxprs alive
     reaching = set().union(*[o.prov for o in outs if o.prov is not None]) - interp.allowed_roots
     origin, cause = _choose_origin(interp.root_events, input_roots, reaching)
     found = bool(interp.root_events or bad_inputs or interp.num_events)
