@@ -22,6 +22,7 @@ SCHEDULES = ("constant", "cosine", "warmup-cosine")
 NORMALIZE_MODES = ("none", "unit", "standardize")
 DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+MODELS = ("inception_v3", "small_cnn")
 LOSSES = (
     "sigmoid_binary_cross_entropy",
     "naive_sigmoid_binary_cross_entropy",
@@ -52,6 +53,7 @@ class TrainConfig:
     normalize: str = "standardize"
     input_scale: float = 1.0  # multiplies the raw pixels before normalization (unscaled-inputs)
     # Model.
+    model: str = "inception_v3"  # small_cnn: a 3-conv net that compiles in seconds (quick checks, tests)
     width_multiplier: float = 0.25
     hidden_activation: str = "relu"
     use_batchnorm: bool = True
@@ -117,8 +119,11 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
         {},
     ),
     "unscaled-inputs": (
-        "Example 1: raw pixels x1000 and no normalization; activations overflow, the loss goes non-finite",
-        {"input_scale": 1000.0, "normalize": "none"},
+        "Example 1: raw pixels x1000, no normalization, float16 compute as in mixed-precision training: "
+        "255,000 overflows float16 (max 65,504) on entry and the step goes non-finite. In float32 "
+        "(--dtype float32) the BatchNorm after the first convolution absorbs the scale: no NaN, but "
+        "learning stalls",
+        {"input_scale": 1000.0, "normalize": "none", "dtype": "float16"},
     ),
     "naive-loss": (
         "Example 3: the textbook -(z log p + (1-z) log(1-p)) on p = sigmoid(logits); log(0) once a logit saturates",
@@ -215,6 +220,7 @@ def validate(config: TrainConfig) -> None:
     _check_choice("dtype", config.dtype, DTYPES)
     _check_choice("hidden_activation", config.hidden_activation, HIDDEN_ACTIVATIONS)
     _check_choice("loss", config.loss, LOSSES)
+    _check_choice("model", config.model, MODELS)
     for name in ("steps", "batch_size", "num_train", "num_val", "log_every", "keep_checkpoints"):
         _check_positive(name, getattr(config, name))
     for name in ("lr", "width_multiplier", "input_scale"):

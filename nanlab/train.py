@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-val", type=int, help=f"validation examples of the built-in data ({d('num_val')})")
     add("--normalize", help=f"input normalization: {', '.join(config_lib.NORMALIZE_MODES)} ({d('normalize')})")
     add("--input-scale", type=float, help=f"factor on the raw pixels before normalization ({d('input_scale')})")
+    add("--model", help=f"{', '.join(config_lib.MODELS)}; small_cnn compiles in seconds, for quick checks ({d('model')})")
     add("--width-multiplier", type=float, help=f"InceptionV3 channel multiplier ({d('width_multiplier')})")
     add("--hidden-activation", help=f"{', '.join(config_lib.HIDDEN_ACTIVATIONS)} ({d('hidden_activation')})")
     add("--batchnorm", dest="use_batchnorm", action=argparse.BooleanOptionalAction, default=None,
@@ -220,13 +221,65 @@ def load_data(config: config_lib.TrainConfig):
     return dataclasses.replace(dataset, x_train=x_train, x_val=x_val), stats
 
 
+def _small_cnn_class():
+    """SmallCNN, defined on first use so that importing this module stays light."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from nanlab.models.inception_v3 import BN_MOMENTUM, resolve_activation
+
+    class _ConvBlock(nn.Module):
+        features: int
+        hidden_activation: str
+        use_batchnorm: bool
+        dtype: Any
+
+        @nn.compact
+        def __call__(self, x, *, train: bool):
+            h = nn.Conv(self.features, (3, 3), (2, 2), use_bias=not self.use_batchnorm, dtype=self.dtype)(x)
+            if self.use_batchnorm:
+                h = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(h)
+            h = resolve_activation(self.hidden_activation)(h)
+            if self.is_mutable_collection("stats"):
+                self.sow("stats", "max_abs", jnp.max(jnp.abs(h.astype(jnp.float32))))
+            return h
+
+    class SmallCNN(nn.Module):
+        """Three strided conv blocks -> global mean -> dense: the loop's behaviour in seconds.
+
+        Same knobs and the same 'stats' sowing as InceptionV3 (blocks Conv1..Conv3), so every
+        flag and scenario runs on it; it is for quick checks and tests, not for results.
+        """
+
+        num_classes: int = 1
+        hidden_activation: str = "relu"
+        use_batchnorm: bool = True
+        width_multiplier: float = 1.0
+        dtype: Any = jnp.float32
+        dropout_rate: float = 0.0
+
+        @nn.compact
+        def __call__(self, x, *, train: bool):
+            h = x.astype(self.dtype)
+            for index, features in enumerate((16, 32, 64), start=1):
+                width = max(8, round(features * self.width_multiplier))
+                h = _ConvBlock(width, self.hidden_activation, self.use_batchnorm, self.dtype,
+                               name=f"Conv{index}")(h, train=train)
+            h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+            h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+            return nn.Dense(self.num_classes, name="Logits")(h)
+
+    return SmallCNN
+
+
 def build_model(config: config_lib.TrainConfig, num_classes: int):
-    """The InceptionV3 of the config."""
+    """The model of the config: InceptionV3 (or the small CNN for quick checks)."""
     import jax.numpy as jnp
 
     from nanlab.models.inception_v3 import InceptionV3
 
-    return InceptionV3(
+    model_class = InceptionV3 if config.model == "inception_v3" else _small_cnn_class()
+    return model_class(
         num_classes=num_classes,
         hidden_activation=config.hidden_activation,
         use_batchnorm=config.use_batchnorm,

@@ -28,7 +28,7 @@ def test_each_scenario_applies_its_overrides(name):
 
 
 def test_scenario_overrides_match_the_seed_recipes():
-    assert SCENARIOS["unscaled-inputs"][1] == {"input_scale": 1000.0, "normalize": "none"}
+    assert SCENARIOS["unscaled-inputs"][1] == {"input_scale": 1000.0, "normalize": "none", "dtype": "float16"}
     assert SCENARIOS["naive-loss"][1]["loss"] == "naive_sigmoid_binary_cross_entropy"
     assert SCENARIOS["sigmoid-hidden"][1] == {"hidden_activation": "sigmoid", "use_batchnorm": False}
     assert SCENARIOS["high-lr"][1]["lr"] > 1.0
