@@ -26,6 +26,7 @@ globally averaged 2048 features, as Keras's `pooling="avg"` does.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -77,6 +78,17 @@ def conv_paths(model: InceptionV3) -> list[tuple[str, ...]]:
     with nn.intercept_methods(record):
         jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     return paths
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(num_classes: int, include_top: bool) -> tuple[Any, list[tuple[str, ...]]]:
+    """The abstract variables and ConvBN paths of the matching model (traced once, cached)."""
+    model = InceptionV3(num_classes=num_classes, include_top=include_top)
+    abstract = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x, train=False),
+        jax.ShapeDtypeStruct((1, 75, 75, 3), jnp.float32),
+    )
+    return abstract, conv_paths(model)
 
 
 def _open_weights(path: str | os.PathLike) -> h5py.File:
@@ -191,12 +203,7 @@ def load_keras_inception_v3(
     if problems:
         raise ValueError(f"{os.fspath(path)!r} does not match keras.applications.InceptionV3: " + "; ".join(problems))
 
-    model = InceptionV3(num_classes=num_classes, include_top=include_top)
-    abstract = jax.eval_shape(
-        lambda x: model.init(jax.random.key(0), x, train=False),
-        jax.ShapeDtypeStruct((1, 75, 75, 3), jnp.float32),
-    )
-    paths = conv_paths(model)
+    abstract, paths = _layout(num_classes, bool(include_top))
     params: dict[str, Any] = {}
     batch_stats: dict[str, Any] = {}
 
