@@ -367,3 +367,18 @@ def test_predict_is_sigmoid_of_logits(relu_run):
     )(variables, x)
     np.testing.assert_allclose(probs, jax.nn.sigmoid(logits), rtol=1e-6)
     assert probs.shape == (4, 1) and bool(jnp.all((probs > 0) & (probs < 1)))
+
+
+@pytest.mark.slow
+def test_full_size_model_trains_one_step_at_299():
+    """The real model (width 1, 299x299) once: finite loss, stats for every block, all grads."""
+    model = InceptionV3(num_classes=1)
+    variables = _init(model)
+    x = _images(batch=2, size=299)
+    loss, grads, _, stats = _make_train_pass(model)(
+        variables["params"], variables["batch_stats"], x, LABELS[:2]
+    )
+    assert bool(jnp.isfinite(loss))
+    assert all(int(s["nonfinite"]) == 0 for s in stats.values())
+    norms = module_grad_norms(grads)
+    assert all(0 < float(n) < np.inf for n in norms.values())
