@@ -1,0 +1,327 @@
+"""Tests of nanlab.train: the main job end to end on a CPU.
+
+The loop's mechanics (sentinel, exit codes, report.json, skip, checkpoints, resume, SIGKILL,
+devices, bad input) are tested with `--model small_cnn`, which compiles in seconds and has the same
+knobs and statistics as InceptionV3. The scenarios on the tiny InceptionV3 itself (one compile
+of its train step costs minutes of CPU) are marked slow. Runs are in-process (`run(config)` /
+`main(argv)`) except where a separate process is the point (SIGKILL, simulated devices). The module
+turns on JAX's persistent compilation cache in a temporary directory, shared with its
+subprocesses, so that runs with the same shapes and flags compile once.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from nanlab import config as config_lib
+from nanlab import runlog, train
+
+TINY = {
+    "model": "small_cnn",
+    "width_multiplier": 1.0,
+    "image_size": 75,
+    "batch_size": 16,
+    "num_train": 256,
+    "num_val": 64,
+    "log_every": 5,
+    "eval_every": 0,
+    "stats_every": 10,  # > 0 everywhere: every run compiles the same step (stats collected in-jit)
+    "checkpoint_every": 0,
+    "bn_recalibration_batches": 4,
+    "progress": False,
+    "plots": False,
+}
+
+
+def _argv(workdir, **overrides):
+    flags = {**TINY, **overrides}
+    argv = ["--workdir", str(workdir)]
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + key.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _config(workdir, **overrides):
+    return config_lib.make_config({**TINY, "workdir": str(workdir), **overrides}, backend="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module's runs (restored afterwards)."""
+    directory = str(tmp_path_factory.mktemp("jax-cache"))
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    os.environ["NANLAB_TEST_JAX_CACHE"] = directory
+    yield directory
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def _subprocess_env(**extra):
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ["NANLAB_TEST_JAX_CACHE"],
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+    return env
+
+
+def _rows_without_timing(path):
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in runlog.read_metrics(path)]
+
+
+# ------------------------------------------------------------------------------------ healthy runs
+
+
+def test_clean_run_converges_and_resume_equals_uninterrupted(tmp_path):
+    workdir = tmp_path / "clean"
+    config = _config(workdir, steps=60, checkpoint_every=30, stats_every=30, plots=True)
+    assert train.run(config) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["preset"] == "cpu" and summary["scenario"] == "clean"
+    assert summary["val_accuracy"] > 0.75  # chance is 0.5 on the balanced built-in task
+    rows = runlog.read_metrics(workdir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(5, 65, 5))
+    for key in ("step", "loss", "accuracy", "grad_norm", "param_norm", "update_ratio", "lr", "skipped",
+                "images_per_s"):
+        assert key in rows[-1]
+    stats_rows = [r for r in rows if "module_grad_norms" in r]
+    assert [r["step"] for r in stats_rows] == [30, 60]
+    assert set(stats_rows[0]["module_grad_norms"]) == {"Conv1", "Conv2", "Conv3", "Logits"}
+    assert set(stats_rows[0]["activation_max_abs"]) == {"Conv1", "Conv2", "Conv3"}
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    for name in ("config.json",) + runlog.PLOT_FILES:
+        assert (workdir / name).exists()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["30", "60"]
+
+    # Resume: drop the final checkpoint and continue from step 30; the metrics must be identical.
+    uninterrupted = _rows_without_timing(workdir / "metrics.jsonl")
+    import shutil
+
+    shutil.rmtree(workdir / "checkpoints" / "60")
+    assert train.run(_config(workdir, steps=60, checkpoint_every=30, stats_every=30, resume=True)) == 0
+    assert _rows_without_timing(workdir / "metrics.jsonl") == uninterrupted
+    assert json.loads((workdir / "summary.json").read_text())["resumed_from"] == 30
+
+
+# ------------------------------------------------------------------------------------ failing runs
+
+
+@pytest.mark.parametrize("scenario, cause", [("unscaled-inputs", "unscaled-inputs"), ("naive-loss", "unstable-loss")])
+def test_failure_scenarios_exit_3_with_report(tmp_path, capsys, scenario, cause):
+    workdir = tmp_path / scenario
+    code = train.main(_argv(workdir, scenario=scenario, steps=30))
+    out = capsys.readouterr()
+    assert code == 3
+    report = json.loads((workdir / "report.json").read_text())
+    step = report["step"]
+    assert f"non-finite at step {step}" in out.out
+    assert f"step {step} went non-finite" in out.err
+    assert report["verdict"]["cause"] == cause
+    assert report["report"]["found"] is True
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "non-finite" and summary["failed_step"] == step
+    # The frozen state was never checkpointed: every checkpoint left is finite (none at all here).
+    assert not any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+
+
+def test_skip_nonfinite_finishes_with_finite_params_and_a_skip_count(tmp_path, capsys):
+    workdir = tmp_path / "skip"
+    code = train.main(_argv(workdir, scenario="naive-loss", steps=30, skip_nonfinite=True))
+    capsys.readouterr()
+    assert code == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["skipped_steps"] > 0
+    assert summary["first_nonfinite"]["step"] < 30 and summary["first_nonfinite"]["cause"] == "unstable-loss"
+    assert json.loads((workdir / "report.json").read_text())["verdict"]["cause"] == "unstable-loss"
+    from nanlab.checkpoint import Checkpointer
+
+    restored = Checkpointer(workdir / "checkpoints")
+    assert restored.latest_step() == 30  # a non-finite state is never written, so the params are finite
+
+
+def test_debug_nans_error_becomes_the_same_report_and_exit_3(tmp_path, capsys):
+    workdir = tmp_path / "debug"
+    code = train.main(_argv(workdir, scenario="naive-loss", steps=10, debug_nans=True))
+    capsys.readouterr()
+    assert code == 3
+    report = json.loads((workdir / "report.json").read_text())
+    assert "nan" in report["jax_error"].lower()
+    assert report["verdict"]["cause"] == "unstable-loss"
+    assert not jax.config.jax_debug_nans  # scoped to the run, not left on
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+def test_sigkill_during_training_then_resume(tmp_path):
+    workdir = tmp_path / "killed"
+    argv = _argv(workdir, steps=400, checkpoint_every=5)
+    process = subprocess.Popen([sys.executable, "-m", "nanlab.train", *argv], env=_subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not (workdir / "checkpoints" / "10").exists():
+            time.sleep(0.2)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert (workdir / "checkpoints" / "10").exists()
+    assert train.main(_argv(workdir, steps=20, checkpoint_every=5, resume=True)) == 0
+    rows = runlog.read_metrics(workdir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert json.loads((workdir / "summary.json").read_text())["resumed_from"] >= 10
+
+
+def test_four_simulated_devices_give_the_same_loss_as_one(tmp_path):
+    flags = dict(steps=3, log_every=1, bn_recalibration_batches=0)
+    one = tmp_path / "one"
+    assert train.main(_argv(one, **flags)) == 0
+    four = tmp_path / "four"
+    env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run([sys.executable, "-m", "nanlab.train", *_argv(four, **flags)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((four / "summary.json").read_text())["devices"] == 4
+    loss_one = [r["loss"] for r in runlog.read_metrics(one / "metrics.jsonl")]
+    loss_four = [r["loss"] for r in runlog.read_metrics(four / "metrics.jsonl")]
+    np.testing.assert_allclose(loss_four, loss_one, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--scenario", "exploding"], "unknown scenario 'exploding'"),
+        (["--optimizer", "lamb"], "--optimizer 'lamb'"),
+        (["--clip", "global_norm:x"], "--clip 'global_norm:x'"),
+        (["--batch-size", "0"], "--batch-size must be a positive number, got 0"),
+        (["--steps", "-1"], "--steps must be a positive number, got -1"),
+        (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+        (["--image-size", "64"], "--image-size 64 is below the minimum 75"),
+        (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+        (["--batch-size", "512", "--num-train", "256"], "--batch-size 512 is larger than the training set (256"),
+        (["--data", "/nonexistent/data.npz"], "--data /nonexistent/data.npz"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
+    workdir = tmp_path / "run"
+    code = train.main(["--workdir", str(workdir), "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (workdir / "config.json").exists()
+
+
+def test_unwritable_workdir_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert train.main(["--workdir", str(blocker / "run")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_existing_run_is_refused_and_left_untouched(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"mine": true}')
+    assert train.main(["--workdir", str(workdir)]) == 2
+    assert "already holds a run; pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert (workdir / "config.json").read_text() == '{"mine": true}'
+
+
+def test_resume_without_checkpoint_exits_2(tmp_path, capsys):
+    assert train.main(["--workdir", str(tmp_path / "none"), "--resume"]) == 2
+    assert "--resume: no checkpoint in workdir" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_on_resume_exits_2_and_keeps_the_run(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    step_dir = workdir / "checkpoints" / "5"
+    step_dir.mkdir(parents=True)
+    (step_dir / "_CHECKPOINT_METADATA").write_text("garbage")
+    (workdir / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
+    assert train.main(_argv(workdir, steps=10, resume=True)) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or does not match this run" in err and err.count("\n") == 1
+    assert (workdir / "metrics.jsonl").read_text() == '{"step": 5, "loss": 1.0}\n'
+
+
+# ------------------------------------------------------------------------------------ the CLI surface
+
+
+def test_list_scenarios(capsys):
+    assert train.main(["--list-scenarios"]) == 0
+    out = capsys.readouterr().out
+    for name in config_lib.SCENARIOS:
+        assert name in out
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        train.build_parser().parse_args(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for flag in ("--steps", "--batch-size", "--image-size", "--width-multiplier", "--seed", "--workdir", "--data",
+                 "--normalize", "--scenario", "--optimizer", "--lr", "--schedule", "--clip", "--skip-nonfinite",
+                 "--debug-nans", "--debug-infs", "--resume", "--eval-every", "--stats-every",
+                 "--checkpoint-every", "--tensorboard"):
+        assert flag in text
+    assert "default: 0.25 on CPU, 1.0 on an accelerator" in text
+
+
+def test_explicit_flag_wins_over_scenario():
+    args = train.build_parser().parse_args(["--scenario", "unscaled-inputs", "--normalize", "standardize"])
+    config = train.config_from_args(args, backend="cpu")
+    assert config.normalize == "standardize" and config.input_scale == 1000.0
+
+
+# ------------------------------------------------------------------------------------ InceptionV3 (slow)
+
+INCEPTION = {"model": "inception_v3", "width_multiplier": 0.125}
+
+
+@pytest.mark.slow
+def test_inception_clean_run_converges(tmp_path):
+    workdir = tmp_path / "clean"
+    assert train.run(_config(workdir, **INCEPTION, steps=100, stats_every=20)) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["val_accuracy"] > 0.75
+    rows = runlog.read_metrics(workdir / "metrics.jsonl")
+    assert "Mixed_7c" in rows[-1]["module_grad_norms"] and "Mixed_5b" in rows[-1]["activation_max_abs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario, causes", [
+    ("naive-loss", {"unstable-loss"}),
+    ("high-lr", {"learning-rate-too-high", "exploding-gradients"}),
+])
+def test_inception_failure_scenarios_give_their_verdicts(tmp_path, capsys, scenario, causes):
+    workdir = tmp_path / scenario
+    code = train.main(_argv(workdir, **INCEPTION, scenario=scenario, steps=100))
+    capsys.readouterr()
+    assert code == 3
+    assert json.loads((workdir / "report.json").read_text())["verdict"]["cause"] in causes
+
+
+@pytest.mark.slow
+def test_inception_sigmoid_hidden_stalls_with_vanishing_gradients_verdict(tmp_path):
+    workdir = tmp_path / "sigmoid"
+    assert train.run(_config(workdir, **INCEPTION, scenario="sigmoid-hidden", steps=40)) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["verdict"]["cause"] == "vanishing-gradients"
