@@ -1,0 +1,246 @@
+"""What it costs to watch a train step for NaN/Inf: plain, sentinel, jax_debug_nans, checkify.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_sentinel.py                  # width 0.25, 75x75, batch 8
+    .venv/bin/python benchmarks/bench_sentinel.py --rounds 5 --quick   # a smoke check
+    .venv/bin/python benchmarks/bench_sentinel.py --out benchmarks/results/bench_sentinel.md
+
+One invocation builds one InceptionV3 train step (sigmoid BCE, SGD with momentum) and times it
+four ways, interleaved round by round in a shuffled order so a shared machine's load hits each
+alike:
+
+- plain: loss, gradients, optimizer update; nothing else.
+- sentinel: the same plus the in-jit sentinel of `nanlab.step` (finite flags of loss, gradients
+  and updates, global grad norm, param norm, update/param ratio, keep-the-old-state select).
+- jax_debug_nans: the plain step with `jax_debug_nans` on (host checks after every jitted call).
+- checkify: the plain step under `checkify.checkify(errors=float_checks)`, error fetched each step.
+- (also) nanlab.step: `nanlab.step.make_train_step`'s step as the training loop runs it.
+
+It prints each variant's median step time and the median of its per-round ratio to plain, then
+the time `nanlab.trace.localize` takes to localize one planted NaN in the same step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import checkify
+
+from nanlab.models.inception_v3 import InceptionV3
+from nanlab.trace import localize
+
+
+def bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    # The logits form (log_sigmoid inside optax): finite for every logit.
+    return optax.sigmoid_binary_cross_entropy(logits, labels)
+
+
+def make_step(model: Any, tx: optax.GradientTransformation, *, sentinel: bool) -> Callable:
+    """A train step `(state, batch) -> (state, metrics)`; state = (params, batch_stats, opt_state)."""
+
+    def step(state, batch):
+        params, batch_stats, opt_state = state
+        x, y = batch
+
+        def loss_fn(p):
+            logits, new = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"])
+            return jnp.mean(bce(logits, y)), new["batch_stats"]
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_state = (new_params, new_stats, new_opt)
+        if not sentinel:
+            return new_state, {"loss": loss}
+        # The sentinel: reductions over arrays the step already holds, accumulated in float32.
+        sq = lambda t: sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in jax.tree.leaves(t))  # noqa: E731
+        fin = lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(t)]))  # noqa: E731
+        grad_norm, param_norm, update_norm = jnp.sqrt(sq(grads)), jnp.sqrt(sq(params)), jnp.sqrt(sq(updates))
+        finite = jnp.isfinite(loss) & fin(grads) & fin(updates)
+        ratio = jnp.where(param_norm > 0, update_norm / jnp.where(param_norm > 0, param_norm, 1.0), 0.0)
+        # Non-finite: keep the input state, so the failing step can be replayed exactly.
+        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        return new_state, {"loss": loss, "finite": finite, "grad_norm": grad_norm,
+                           "param_norm": param_norm, "update_ratio": ratio}
+
+    return step
+
+
+def build(width: float, size: int, batch: int, seed: int = 0):
+    model = InceptionV3(num_classes=1, width_multiplier=width)
+    tx = optax.sgd(0.01, momentum=0.9)
+    kx, ky = jax.random.split(jax.random.key(seed), 2)
+    x = jax.random.normal(kx, (batch, size, size, 3))
+    y = (jax.random.uniform(ky, (batch, 1)) > 0.5).astype(jnp.float32)
+    variables = numpy_init(model, x, seed)
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    return model, tx, state, (x, y)
+
+
+def numpy_init(model: Any, x: jax.Array, seed: int) -> Any:
+    """He-normal kernels, zero biases, unit scales and variances, drawn with numpy.
+
+    Timing does not depend on the values, and compiling `model.init` for InceptionV3 (its random
+    initializers) takes minutes on a small shared CPU; `jax.eval_shape` gives the shapes for free.
+    """
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(seed), x, train=False))
+    rng = np.random.default_rng(seed)
+
+    def fill(path: Any, leaf: Any) -> jax.Array:
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
+        if "scale" in name or "var" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def run(width: float, size: int, batch: int, rounds: int, seed: int = 0) -> dict[str, Any]:
+    model, tx, state, data = build(width, size, batch, seed)
+    plain = jax.jit(make_step(model, tx, sentinel=False))
+    guarded = jax.jit(make_step(model, tx, sentinel=True))
+    checked = jax.jit(checkify.checkify(make_step(model, tx, sentinel=False), errors=checkify.float_checks))
+    variants: dict[str, Callable[[], Any]] = {
+        "plain": lambda: plain(state, data),
+        "sentinel": lambda: guarded(state, data),
+        "jax_debug_nans": lambda: _with_debug_nans(plain, state, data),
+        "checkify float_checks": lambda: _checkify_step(checked, state, data),
+    }
+    try:
+        from nanlab.step import TrainState, make_train_step
+
+        nstate = TrainState(step=jnp.zeros((), jnp.int32), params=state[0], batch_stats=state[1],
+                            opt_state=state[2], rng=jax.random.key(seed))
+        nanlab_step = jax.jit(make_train_step(model, bce, tx))
+        variants["nanlab.step (sentinel + telemetry)"] = lambda: nanlab_step(nstate, data)
+    except ImportError:  # nanlab.step not landed: the four core variants still run
+        pass
+    for name, fn in variants.items():  # compile (and warm) each outside the timing
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(timed(variants[name]))
+    ratios = {name: statistics.median(t / p for t, p in zip(times[name], times["plain"])) for name in variants}
+    medians = {name: statistics.median(times[name]) for name in variants}
+    return {"medians": medians, "ratios": ratios, "rounds": rounds, "model": model, "tx": tx,
+            "state": state, "data": data}
+
+
+def time_localize(model: Any, tx: Any, state: Any, data: Any) -> dict[str, Any]:
+    """Localize one planted NaN: a Mixed_5b kernel blown up so its convolution overflows."""
+    params = jax.tree.map(lambda a: a, state[0])
+    params["Mixed_5b"]["Branch_1_Conv2d_0a_1x1"]["Conv"]["kernel"] = (
+        params["Mixed_5b"]["Branch_1_Conv2d_0a_1x1"]["Conv"]["kernel"] * 1e38)
+    bad_state = (params, state[1], state[2])
+    start = time.perf_counter()
+    report = localize(make_step(model, tx, sentinel=True), bad_state, data)
+    return {"localize_s": time.perf_counter() - start, "report": report}
+
+
+def _with_debug_nans(step: Callable, state: Any, data: Any) -> Any:
+    with jax.debug_nans(True):
+        return step(state, data)
+
+
+def _checkify_step(step: Callable, state: Any, data: Any) -> Any:
+    err, out = step(state, data)
+    err.throw()  # fetches the error to the host, as a user of checkify must
+    return out
+
+
+def to_markdown(result: dict[str, Any], args: argparse.Namespace, command: str) -> str:
+    lines = [
+        "# Sentinel cost: plain vs sentinel vs jax_debug_nans vs checkify",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on "
+        f"{jax.default_backend()}; InceptionV3 width {args.width}, {args.image_size}x{args.image_size}, "
+        f"batch {args.batch}; {result['rounds']} paired rounds (shuffled order each round).",
+        "",
+        "| variant | median step (ms) | median ratio to plain |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, median in result["medians"].items():
+        lines.append(f"| {name} | {1e3 * median:.1f} | {result['ratios'][name]:.3f} |")
+    report = result.get("report")
+    if report is None:
+        lines += ["", "Localization: not measured (the run stopped before it).", ""]
+        return "\n".join(lines)
+    origin = report.origin
+    where = origin.where() if origin else "(none)"
+    lines += [
+        "",
+        f"Localizing one planted NaN (a Mixed_5b kernel scaled by 1e38) with `nanlab.trace.localize`: "
+        f"{result['localize_s']:.1f} s, {report.num_equations} equations; origin: {where}, "
+        f"cause {report.cause}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--image-size", type=int, default=75)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="width 0.125, 5 rounds")
+    parser.add_argument("--out", default="", help="write the markdown table here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.width, args.rounds = 0.125, min(args.rounds, 5)
+    for name in ("width", "image_size", "batch", "rounds"):
+        if getattr(args, name) <= 0:
+            print(f"bench_sentinel: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}",
+                  file=sys.stderr)
+            return 2
+    if args.image_size < 75:
+        print(f"bench_sentinel: --image-size must be >= 75 (InceptionV3), got {args.image_size}",
+              file=sys.stderr)
+        return 2
+    result = run(args.width, args.image_size, args.batch, args.rounds)
+    command = "python " + " ".join(["benchmarks/bench_sentinel.py"] + (argv if argv is not None else sys.argv[1:]))
+    write(to_markdown(result, args, command), args.out)  # the step timings survive a slow localization
+    result.update(time_localize(result["model"], result["tx"], result["state"], result["data"]))
+    write(to_markdown(result, args, command), args.out)
+    print(result["report"])
+    return 0
+
+
+def write(text: str, path: str) -> None:
+    print(text, flush=True)
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
