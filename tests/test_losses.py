@@ -306,10 +306,12 @@ FOCAL_BATTERY = dict(
     gradient_scale=functools.partial(testing.focal_gradient_scale, alpha=0.25, gamma=2.0),
     skip=("symmetry",),  # alpha = 0.25 weights the classes differently: no label symmetry
 )
-# The focal loss's ULP accuracy measured by benchmarks/loss_accuracy.py (see its results):
-# (1 - p_t)**2 doubles the ~1.5 ULP error of a float32 sigmoid, so the issue's 2/3-ULP targets
-# are not met; these are the measured bounds with a margin, kept so that a regression shows.
-FOCAL_MEASURED_ULPS = dict(loss_ulps=(6.0, 8.0), gradient_ulps=(7.0, 10.0))
+# The focal loss's ULP accuracy as measured: (1 - p_t)**2 doubles the ~1.5 ULP error of a float32
+# sigmoid, so the issue's 2/3-ULP targets are not met. Largest errors seen (benchmarks/
+# loss_accuracy.py, 2000 points; the `thorough` profile, 20,000 examples per property): loss 6.67
+# ULP hard (logit -1.9, label 0) / 6.61 soft; gradient 7.82 hard / 7.77 soft. These bounds keep a
+# small margin over them so that a regression shows.
+FOCAL_MEASURED_ULPS = dict(loss_ulps=(7.0, 8.0), gradient_ulps=(8.0, 10.0))
 
 
 def test_focal_passes_the_battery_at_its_measured_accuracy():
@@ -321,7 +323,7 @@ def test_focal_passes_the_battery_at_its_measured_accuracy():
     )
 
 
-@pytest.mark.xfail(strict=True, reason="focal loss misses the issue's 2/3-ULP target (measured up to ~5-8 ULP)")
+@pytest.mark.xfail(strict=True, reason="focal loss misses the issue's 2/3-ULP target (measured up to ~7-8 ULP)")
 def test_focal_meets_the_issue_ulp_target():
     testing.check_binary_loss(
         functools.partial(losses.sigmoid_focal_loss, alpha=0.25, gamma=2.0), label_kind="soft", **FOCAL_BATTERY
