@@ -311,6 +311,10 @@ def classify(primitive: str, inputs: Sequence[dict[str, Any]], output: dict[str,
     if any(s["nan"] or any_inf(s) for s in inputs):
         return "non-finite-constant"
     has_negative = lambda s: s["min"] is not None and s["min"] < 0  # noqa: E731
+    # A product of finite operands can only reach inf by overflowing, whichever forward function's
+    # derivative it belongs to (huge activations times an rsqrt's derivative is still an overflow).
+    if primitive == "mul" and not output["nan"]:
+        return "overflow"
     # A backward root produced by a singular derivative is named after the forward function at fault.
     if forward_primitive in ("sqrt", "rsqrt", "cbrt") and any(s["zeros"] for s in inputs):
         return "sqrt-at-zero"

@@ -398,6 +398,11 @@ def test_classify_rules():
     assert classify("acos", [neg], nan_out, root=True) == "domain-error"
     assert classify("div", [neg, z], inf_out, root=True, forward_primitive="sqrt") == "sqrt-at-zero"
     assert classify("add", [inf, neg], inf_out, root=False) == "propagated"
+    # Seen in the high-lr InceptionV3 run: huge finite activations (with some zeros) times an
+    # rsqrt's derivative overflow in the backward pass; that is an overflow, not a sqrt at zero.
+    huge = summarize(np.array([5e35, 0.0], np.float32))
+    big = summarize(np.array([2048.0, 0.0], np.float32))
+    assert classify("mul", [big, huge], inf_out, root=True, forward_primitive="rsqrt") == "overflow"
 
 
 # ------------------------------------------------------------------------ full-size InceptionV3
