@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -953,6 +954,17 @@ def _loss_bands(run: CellRun) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return median, q25, q75
 
 
+def _save_figure(fig, workdir: str, filename: str) -> str:
+    """Lay out, write and close one figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(workdir, filename)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_plots(
     scenarios: Sequence[str],
     chains: Sequence[Chain],
@@ -970,7 +982,6 @@ def write_plots(
     Returns:
       The written paths.
     """
-    import os
 
     import matplotlib
 
@@ -994,10 +1005,7 @@ def write_plots(
         ax.set_title(f"{scenario}: train loss (median, IQR over seeds)")
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, "loss_curves.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_save_figure(fig, workdir, "loss_curves.png"))
 
     fig, axes = plt.subplots(1, len(scenarios), figsize=(width, 4), squeeze=False)
     by_cell = {(row["scenario"], row["chain"]): row for row in rows}
@@ -1011,10 +1019,7 @@ def write_plots(
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{scenario}: fraction of seeds")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, "nonfinite_rate.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_save_figure(fig, workdir, "nonfinite_rate.png"))
 
     fig, axes = plt.subplots(1, len(scenarios), figsize=(width, 4), squeeze=False)
     for ax, scenario in zip(axes[0], scenarios):
@@ -1028,10 +1033,7 @@ def write_plots(
                       fontsize=7)
         ax.set_ylabel("log10 global grad norm")
         ax.set_title(f"{scenario}: gradient norms (finite steps)")
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, "grad_norms.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_save_figure(fig, workdir, "grad_norms.png"))
     return paths
 
 
@@ -1322,7 +1324,6 @@ def check_workdir(workdir: str, overwrite: bool) -> None:
     Raises:
       ValueError: one line naming the folder.
     """
-    import os
 
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} exists and is not a folder")
@@ -1345,7 +1346,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
       0 on success, 2 on bad input (one line on stderr, nothing written).
     """
-    import os
     import shlex
     import sys
 
