@@ -70,7 +70,11 @@ def main() -> None:
           f"{args.seeds} seeds x {args.steps} steps")
     cold_v, run_v = timed(problem, data, seeds, args.steps, vmapped=True)
     cold_s, run_s = timed(problem, data, seeds, args.steps, vmapped=False)
-    same = abs(run_v.loss - run_s.loss).max()
+    # Step 0 runs the same parameters on the same batch: only rounding differs (batched against
+    # plain kernels). Later steps compound it: Adam turns tiny gradient differences into full-size
+    # updates where gradients are near 0, so trajectories drift apart after a few steps.
+    first_step = abs(run_v.loss[0] - run_s.loss[0]).max() / abs(run_s.loss[0]).max()
+    every_step = abs(run_v.loss - run_s.loss).max()
     print(f"cold (compilation included): vmapped {cold_v:.1f} s, sequential {cold_s:.1f} s, "
           f"ratio {cold_s / cold_v:.2f}x")
     warm_v, warm_s = [], []
@@ -80,7 +84,8 @@ def main() -> None:
     med_v, med_s = statistics.median(warm_v), statistics.median(warm_s)
     print(f"warm (median of {args.repeats}): vmapped {med_v:.1f} s, sequential {med_s:.1f} s, "
           f"ratio {med_s / med_v:.2f}x")
-    print(f"max |loss difference| vmapped vs sequential over all steps and seeds: {same:.2e}")
+    print(f"vmapped vs sequential loss: step 0 max relative difference {first_step:.2e}; "
+          f"max |difference| over all steps and seeds {every_step:.2e}")
 
 
 if __name__ == "__main__":

@@ -466,6 +466,9 @@ class CellRun:
         inference-mode metrics of each seed's final state (its last finite state if it died).
       seconds: wall time of the computation that trained the cell (compilation included; shared
         by all cells trained in the same group).
+      final_states: each seed's final SeedState on the host (leading seed axis), kept only when
+        `train_group(keep_states=True)`; a seed that died without '+skip' holds the state from
+        before its first non-finite step, which `diagnose_first_failure` replays.
     """
 
     seeds: np.ndarray
@@ -480,6 +483,7 @@ class CellRun:
     final_val_loss: np.ndarray
     final_val_accuracy: np.ndarray
     seconds: float
+    final_states: Any = None
 
     @property
     def nonfinite_event(self) -> np.ndarray:
@@ -615,6 +619,7 @@ def train_group(
     chunk_steps: int = 10,
     eval_batch: int = 128,
     on_steps: Callable[[int], None] | None = None,
+    keep_states: bool = False,
 ) -> dict[Chain, CellRun]:
     """Trains every (chain, seed) replica of a group and evaluates the final states.
 
@@ -632,6 +637,7 @@ def train_group(
       chunk_steps: steps per `lax.scan` call (`on_steps` fires once per chunk).
       eval_batch: batch size of the final evaluation.
       on_steps: called with the number of replica-steps just finished (for a progress bar).
+      keep_states: copy every replica's final state to the host (`CellRun.final_states`).
 
     Returns:
       chain -> its CellRun (seeds in the given order).
@@ -683,13 +689,16 @@ def train_group(
         records = StepRecord(*(np.concatenate([np.asarray(c[i]) for c in chunks]) for i in range(len(StepRecord._fields))))
         train_metrics = _evaluate(compiled, state, x_eval_train, y_eval_train, eval_batch)
         val_metrics = _evaluate(compiled, state, data.x_val, data.y_val, eval_batch)
+        host_state = jax.device_get(state) if keep_states else None
         if not vmapped:
             records = StepRecord(*(field[:, None] for field in records))
             train_metrics = tuple(np.atleast_1d(m) for m in train_metrics)
             val_metrics = tuple(np.atleast_1d(m) for m in val_metrics)
-        return records, train_metrics + val_metrics
+            host_state = jax.tree.map(lambda a: np.asarray(a)[None], host_state) if keep_states else None
+        return records, train_metrics + val_metrics, host_state
 
     results = [run(pairs)] if vmapped else [run([pair]) for pair in pairs]
+    states = jax.tree.map(lambda *a: np.concatenate(a), *[r[2] for r in results]) if keep_states else None
     records = StepRecord(*(np.concatenate([r[0][i] for r in results], axis=1) for i in range(len(StepRecord._fields))))
     finals = [np.concatenate([r[1][i] for r in results]) for i in range(4)]
     seconds = time.perf_counter() - started
@@ -709,8 +718,62 @@ def train_group(
             final_val_loss=finals[2][cols],
             final_val_accuracy=finals[3][cols],
             seconds=seconds,
+            final_states=jax.tree.map(lambda a: a[cols], states) if keep_states else None,
         )
     return runs
+
+
+def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: CellRun) -> dict[str, Any] | None:
+    """Localize and diagnose the first non-finite step of a cell's first seed that died.
+
+    The seed's frozen state (`CellRun.final_states`, the state before its first non-finite
+    step) and that step's batch are replayed through `nanlab.trace.localize` with the replica's
+    own train step; `nanlab.diagnose.diagnose` names the cause from the report, the batch and the
+    seed's loss and grad-norm history. One seed per cell: replaying costs about as much as
+    compiling the step, and the seeds of a cell usually fail the same way.
+
+    Args:
+      problem: the cell's group problem.
+      data: the data it trained on.
+      chain: the cell's chain.
+      run: its CellRun, trained with `keep_states=True`.
+
+    Returns:
+      None when no seed of the cell died (or the chain carries '+skip': a guarded seed trains on,
+      so the state before its first non-finite step is not kept); else a dict with seed, step,
+      cause and origin (the trace's), verdict, evidence and fix (the diagnosis's).
+    """
+    from nanlab import diagnose, trace
+
+    if run.final_states is None:
+        raise ValueError("diagnose_first_failure needs the final states: train the cell with keep_states=True")
+    if chain.skip_nonfinite:
+        return None
+    first = run.first_nonfinite_step()
+    dead = np.flatnonzero(np.isfinite(first))
+    if not dead.size:
+        return None
+    i, step = int(dead[0]), int(first[dead[0]])
+    seed = int(run.seeds[i])
+    state = jax.tree.map(lambda a: a[i], run.final_states)
+    rows = batch_indices(data.x_train.shape[0], [step], problem.batch_size, seed)[0]
+    batch = (data.x_train[rows], data.y_train[rows])
+    thresholds = jnp.asarray(chain_thresholds(chain, problem.structure))
+    train_step = make_train_step(
+        problem.model, problem.loss_fn, problem.tx(thresholds), schedule=problem.schedule, skip_nonfinite=True
+    )
+    report = trace.localize(train_step, state.train, batch)
+    history = [{"step": t, "loss": float(run.loss[t, i]), "grad_norm": float(run.grad_norm[t, i])} for t in range(step)]
+    verdict = diagnose.diagnose(report, batch=batch, history=history)
+    return {
+        "seed": seed,
+        "step": step,
+        "cause": report.cause,
+        "origin": report.origin.where() if report.origin is not None else "",
+        "verdict": verdict.cause,
+        "evidence": list(verdict.evidence),
+        "fix": verdict.fix,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,6 +809,8 @@ COLUMNS: dict[str, str] = {
     "delta_val_loss_ci_low": "95% bootstrap CI of delta_val_loss, lower end",
     "delta_val_loss_ci_high": "upper end",
     "delta_pairs": "number of seeds behind delta_val_loss",
+    "verdict": "with --diagnose: nanlab.diagnose's verdict on the first non-finite step of the cell's "
+    "first seed that died (empty otherwise, and for '+skip' chains, whose seeds train on)",
     "seconds": "wall time of the cell (compilation included)",
 }
 
@@ -859,6 +924,7 @@ def summarize_cell(
         "grad_norm_mean": _mean_or_nan(run.grad_norm[good_steps]),
         "clip_active_frac": _mean_or_nan(run.clip_active[good_steps].astype(np.float64)),
         "seconds": float(run.seconds),
+        "verdict": "",  # filled by run_grid(diagnose=True)
     }
     delta = dict.fromkeys(
         ["delta_failed_frac", "delta_failed_ci_low", "delta_failed_ci_high", "delta_val_loss",
@@ -1054,8 +1120,10 @@ def results_table(rows: Sequence[dict[str, Any]]):
     from rich.table import Table
 
     table = Table(title="nanlab.compare: clipping lab")
+    with_verdicts = any(row["verdict"] for row in rows)
     for name in ("scenario", "chain", "non-finite", "failed", "first NaN step (IQR)", "val loss",
-                 "val acc", "clip active", "Δ failed [95% CI]", "Δ val loss [95% CI]"):
+                 "val acc", "clip active", "Δ failed [95% CI]", "Δ val loss [95% CI]") + (
+                     ("verdict",) if with_verdicts else ()):
         table.add_column(name, overflow="fold")
     for row in rows:
         first = "-"
@@ -1068,6 +1136,7 @@ def results_table(rows: Sequence[dict[str, Any]]):
             _fmt(row["clip_active_frac"], 2),
             _fmt_ci(row["delta_failed_frac"], row["delta_failed_ci_low"], row["delta_failed_ci_high"]),
             _fmt_ci(row["delta_val_loss"], row["delta_val_loss_ci_low"], row["delta_val_loss_ci_high"]),
+            *((row["verdict"] or "-",) if with_verdicts else ()),
         )
     return table
 
@@ -1082,6 +1151,11 @@ DEFAULT_CHAINS: tuple[str, ...] = (
 )
 DEFAULT_SEEDS = 8
 DEFAULT_STEPS = 20
+# The default grid trains high-lr with plain SGD, unless --optimizer says otherwise: Adam divides
+# each step by the gradient's running RMS, so clipping the gradient barely changes Adam's step
+# (measured on this grid with the scenario's Adam: no chain changed the outcome, and the baseline
+# itself stayed finite for 20 steps); with SGD a clip bounds the step to lr x threshold.
+DEFAULT_GRID_FLAGS: dict[str, Any] = {"optimizer": "sgd"}
 # The lab's own defaults for train-CLI flags, per preset (on top of the train CLI's preset; the
 # lab trains chains x seeds replicas at once, so each gets a smaller batch); explicit flags win.
 LAB_PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -1185,18 +1259,21 @@ def run_grid(
     chunk_steps: int = 10,
     progress: bool = True,
     console=None,
+    diagnose: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, Chain], CellRun], list[dict[str, Any]]]:
     """Trains the whole grid: per scenario, one vmapped computation per clip structure.
 
     Args:
       grid: a Grid from `make_grid`.
       chunk_steps: steps per scan chunk (progress granularity).
+      diagnose: localize and diagnose each cell's first dead seed (`diagnose_first_failure`);
+        the verdict goes to the row's "verdict" and the details to its per-seed entry.
       progress: show a rich progress bar.
       console: a rich Console to draw on (None: a new one on stderr).
 
     Returns:
       (rows: one results row per cell, in grid order; runs: (scenario, chain) -> CellRun;
-       per_seed: the per-seed table of every cell).
+       per_seed: the per-seed table of every cell, with its "diagnosis" (None if none)).
 
     Raises:
       nanlab.train.BadInput: unreadable data or a batch larger than the data.
@@ -1224,6 +1301,7 @@ def run_grid(
 
     total = sum(len(chains) * len(grid.seeds) * grid.steps for *_, chains in plan)
     runs: dict[tuple[str, Chain], CellRun] = {}
+    diagnoses: dict[tuple[str, Chain], dict[str, Any] | None] = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         task = bar.add_task("replica-steps", total=total)
@@ -1240,9 +1318,13 @@ def run_grid(
             )
             group = train_group(
                 problem, data, chains, grid.seeds, grid.steps, chunk_steps=chunk_steps,
-                on_steps=lambda n: bar.advance(task, n),
+                on_steps=lambda n: bar.advance(task, n), keep_states=diagnose,
             )
             for chain, run in group.items():
+                if diagnose:
+                    bar.update(task, description=f"{scenario}: diagnosing {chain.label}")
+                    diagnoses[(scenario, chain)] = diagnose_first_failure(problem, data, chain, run)
+                    run = dataclasses.replace(run, final_states=None)  # the states served their purpose
                 runs[(scenario, chain)] = run
 
     rows, per_seed = [], []
@@ -1251,8 +1333,12 @@ def run_grid(
         baseline = runs[(scenario, baseline_chain)] if baseline_chain is not None else None
         for chain in grid.chains:
             run = runs[(scenario, chain)]
-            rows.append(summarize_cell(scenario, chain, run, None if chain.is_baseline else baseline))
-            per_seed.append({"scenario": scenario, "chain": chain.label, "seeds": per_seed_table(chain, run)})
+            row = summarize_cell(scenario, chain, run, None if chain.is_baseline else baseline)
+            diagnosis = diagnoses.get((scenario, chain))
+            row["verdict"] = diagnosis["verdict"] if diagnosis else ""
+            rows.append(row)
+            per_seed.append({"scenario": scenario, "chain": chain.label, "seeds": per_seed_table(chain, run),
+                             "diagnosis": diagnosis})
     return rows, runs, per_seed
 
 
@@ -1281,8 +1367,10 @@ def build_parser():
         "vmapped together) and compare every chain with the unclipped baseline 'none'.",
     )
     add = p.add_argument
-    add("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS),
-        help=f"scenarios of the train CLI, space- or comma-separated (default: {' '.join(DEFAULT_SCENARIOS)})")
+    add("--scenarios", nargs="+", default=None,
+        help="scenarios of the train CLI, space- or comma-separated (default: "
+        f"{' '.join(DEFAULT_SCENARIOS)}, trained with --optimizer {DEFAULT_GRID_FLAGS['optimizer']} unless "
+        "--optimizer is given)")
     add("--chains", nargs="+", default=list(DEFAULT_CHAINS),
         help="chains, one per argument: a --clip spec of the train CLI (none, global_norm:X, value:X, agc:X, "
         "comma-joined parts), optionally suffixed '+skip' for the skip-nonfinite guard; 'skip' alone = no clip "
@@ -1292,6 +1380,10 @@ def build_parser():
     add("--workdir", default="runs/compare", help="output folder (default: runs/compare)")
     add("--overwrite", action="store_true", help="replace results already in --workdir (default: off)")
     add("--chunk-steps", type=int, default=10, help="steps per jitted scan chunk (default: 10)")
+    add("--diagnose", action="store_true",
+        help="replay the first non-finite step of each cell's first dead seed through nanlab.trace and "
+        "nanlab.diagnose: a 'verdict' per cell (default: off; each replay costs about one compilation "
+        "of the step)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (default: on)")
     train_flags = p.add_argument_group("train-CLI flags (default: the preset's and the scenario's values)")
     tadd = train_flags.add_argument
@@ -1340,6 +1432,25 @@ def check_workdir(workdir: str, overwrite: bool) -> None:
         raise ValueError(f"--workdir {workdir} is not writable: {error.strerror or error}") from None
 
 
+def grid_from_args(args) -> tuple[Grid, dict[str, Any]]:
+    """The grid the parsed flags ask for, and the train-CLI overrides behind it.
+
+    Overrides stack as: the lab's preset defaults (`LAB_PRESET_OVERRIDES`), then the default
+    grid's flags (`DEFAULT_GRID_FLAGS`, only when --scenarios is not given), then explicit flags.
+
+    Raises:
+      ValueError: see `make_grid`.
+    """
+    from nanlab import config as config_lib
+
+    explicit = {name: getattr(args, name) for name in PASSED_FLAGS if getattr(args, name) is not None}
+    preset = explicit.get("preset") or config_lib.default_preset()
+    default_grid = args.scenarios is None
+    overrides = {**LAB_PRESET_OVERRIDES.get(preset, {}), **(DEFAULT_GRID_FLAGS if default_grid else {}), **explicit}
+    scenarios = list(DEFAULT_SCENARIOS) if default_grid else _split_scenarios(args.scenarios)
+    return make_grid(scenarios, args.chains, args.seeds, args.steps, overrides), overrides
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the lab from command-line arguments.
 
@@ -1356,13 +1467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    overrides = {name: getattr(args, name) for name in PASSED_FLAGS if getattr(args, name) is not None}
-    from nanlab import config as config_lib
-
-    preset = overrides.get("preset") or config_lib.default_preset()
-    overrides = {**LAB_PRESET_OVERRIDES.get(preset, {}), **overrides}
     try:
-        grid = make_grid(_split_scenarios(args.scenarios), args.chains, args.seeds, args.steps, overrides)
+        grid, overrides = grid_from_args(args)
         if args.chunk_steps < 1:
             raise ValueError(f"--chunk-steps must be >= 1, got {args.chunk_steps}")
         check_workdir(args.workdir, args.overwrite)
@@ -1375,7 +1481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True)
     started = time.perf_counter()
     try:
-        rows, runs, per_seed = run_grid(grid, chunk_steps=args.chunk_steps, progress=args.progress, console=console)
+        rows, runs, per_seed = run_grid(grid, chunk_steps=args.chunk_steps, progress=args.progress, console=console,
+                                        diagnose=args.diagnose)
     except train_lib.BadInput as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -279,7 +280,7 @@ def test_nonfinite_seed_is_masked_and_guarded_seed_goes_on(tiny_group, tiny_data
     x[5] = np.nan
     data = compare.CellData(x, tiny_data.y_train, tiny_data.x_val, tiny_data.y_val, 16)
     chains = compare.parse_chains(["none", "skip", "global_norm:0.05"])
-    runs = compare.train_group(_tiny_problem(), data, chains, [0, 1, 2], 6, chunk_steps=3)
+    runs = compare.train_group(_tiny_problem(), data, chains, [0, 1, 2], 6, chunk_steps=3, keep_states=True)
     poisoned = np.stack([(compare.batch_indices(48, range(6), 8, s) == 5).any(axis=1) for s in (0, 1, 2)], axis=1)
     first = np.argmax(poisoned, axis=0)
     assert poisoned.any(axis=0).all() and not poisoned.all(axis=0).any()
@@ -294,6 +295,13 @@ def test_nonfinite_seed_is_masked_and_guarded_seed_goes_on(tiny_group, tiny_data
     outcome = compare.seed_outcomes(guarded, skip_nonfinite=True)
     np.testing.assert_array_equal(outcome["skipped_steps"], poisoned.sum(axis=0))
     assert compare.seed_outcomes(dead, skip_nonfinite=False)["failed"].all()
+    # The dead seed's frozen state replays its first non-finite step: the NaN came in with the batch.
+    diagnosis = compare.diagnose_first_failure(_tiny_problem(), data, chains[0], dead)
+    assert (diagnosis["seed"], diagnosis["step"]) == (0, first[0])
+    assert diagnosis["verdict"] == "bad-data" and diagnosis["cause"] == "nan-input"
+    assert compare.diagnose_first_failure(_tiny_problem(), data, chains[1], guarded) is None  # trains on
+    with pytest.raises(ValueError, match="keep_states"):
+        compare.diagnose_first_failure(_tiny_problem(), data, chains[0], dataclasses.replace(dead, final_states=None))
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -311,15 +319,16 @@ def _read_csv(path):
         return reader.fieldnames, list(reader)
 
 
-def test_cli_tiny_grid_end_to_end_and_clipping_rescues_high_lr(tmp_path, tiny_model, capsys):
+def test_cli_tiny_grid_end_to_end_and_clipping_rescues_high_lr(tmp_path, tiny_model, capsys, monkeypatch):
     """high-lr (lr 1e4) with plain SGD explodes geometrically (weights and activations feed each
     other) until float32 overflows; global-norm clipping bounds each step to lr * 1, so growth is
     linear and no seed overflows in these steps."""
     workdir = tmp_path / "grid"
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: rich folds nothing, cells read whole
     code = compare.main([
         "--scenarios", "high-lr", "--chains", "none", "global_norm:1", "skip", "--seeds", "4", "--steps", "12",
         "--optimizer", "sgd", "--batch-size", "8", "--num-train", "64", "--num-val", "32",
-        "--chunk-steps", "6", "--workdir", str(workdir), "--no-progress",
+        "--chunk-steps", "6", "--workdir", str(workdir), "--no-progress", "--diagnose",
     ])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -339,7 +348,30 @@ def test_cli_tiny_grid_end_to_end_and_clipping_rescues_high_lr(tmp_path, tiny_mo
     assert clipped["delta_failed_frac"] < 0
     assert clipped["clip_active_frac"] > 0
     assert len(payload["per_seed"]) == 3 and len(payload["per_seed"][0]["seeds"]) == 4
+    # --diagnose: the baseline's first dead seed replayed through trace + diagnose; cells whose seeds
+    # all lived (and the guarded one) have none.
+    assert none["verdict"] in ("exploding-gradients", "learning-rate-too-high"), none["verdict"]
+    diagnosis = payload["per_seed"][0]["diagnosis"]
+    assert diagnosis["verdict"] == none["verdict"] and diagnosis["origin"] and diagnosis["fix"]
+    assert clipped["verdict"] == "" and cells["skip"]["verdict"] == ""
+    assert payload["per_seed"][1]["diagnosis"] is None
+    assert none["verdict"] in out  # the terminal table shows the verdict column
     assert "clipping lab" in out and "results in" in out
+
+
+@pytest.mark.parametrize(
+    "argv, optimizer, lr",
+    [
+        ([], "sgd", 1e4),  # the default grid: high-lr with SGD, where a clip bounds the step
+        (["--optimizer", "adam"], "adam", 1e4),  # an explicit flag wins
+        (["--scenarios", "high-lr"], "adam", 1e4),  # a named scenario keeps its own recipe
+    ],
+)
+def test_default_grid_trains_high_lr_with_sgd_unless_told_otherwise(argv, optimizer, lr):
+    grid, _ = compare.grid_from_args(compare.build_parser().parse_args(argv))
+    assert grid.scenarios == ("high-lr",)
+    assert (grid.configs["high-lr"].optimizer, grid.configs["high-lr"].lr) == (optimizer, lr)
+    assert [c.label for c in grid.chains] == list(compare.DEFAULT_CHAINS)
 
 
 @pytest.mark.parametrize(
