@@ -45,7 +45,9 @@ def test_logit_strategy_options_exclude_infinities_and_nan():
         find(testing.logits(allow_infinity=False), math.isinf, settings=settings(max_examples=300, database=None))
     with pytest.raises(NoSuchExample):
         find(testing.logits(), math.isnan, settings=settings(max_examples=300, database=None))
-    assert math.isnan(find(testing.logits(allow_nan=True), math.isnan, settings=settings(database=None)))
+    # 2000 examples, find's own default: Hypothesis also draws constants from the loaded nanlab
+    # modules, so how soon a NaN comes up changes with their source
+    assert math.isnan(find(testing.logits(allow_nan=True), math.isnan, settings=settings(database=None, max_examples=2000)))
 
 
 def test_label_strategies_stay_in_unit_interval_and_reach_the_edges():
