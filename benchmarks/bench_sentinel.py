@@ -12,7 +12,8 @@ alike:
 
 - plain: loss, gradients, optimizer update; nothing else.
 - sentinel: the same plus the in-jit sentinel of `nanlab.step` (finite flags of loss, gradients
-  and updates, global grad norm, param norm, update/param ratio, keep-the-old-state select).
+  and updates read off the float32 sums of squares that give the global grad, param and update
+  norms; update/param ratio; keep-the-old-state select).
 - jax_debug_nans: the plain step with `jax_debug_nans` on (host checks after every jitted call).
 - checkify: the plain step under `checkify.checkify(errors=float_checks)`, error fetched each step.
 - (also) nanlab.step: `nanlab.step.make_train_step`'s step as the training loop runs it.
@@ -29,16 +30,17 @@ import platform
 import random
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.experimental import checkify
 
-from nanlab.models.inception_v3 import InceptionV3
+from nanlab.models.inception_v3 import InceptionV3, init_variables
+from nanlab.step import finite_given_sq_norm, tree_sq_norms
 from nanlab.trace import localize
 
 
@@ -65,11 +67,11 @@ def make_step(model: Any, tx: optax.GradientTransformation, *, sentinel: bool) -
         new_state = (new_params, new_stats, new_opt)
         if not sentinel:
             return new_state, {"loss": loss}
-        # The sentinel: reductions over arrays the step already holds, accumulated in float32.
-        sq = lambda t: sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in jax.tree.leaves(t))  # noqa: E731
-        fin = lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(t)]))  # noqa: E731
-        grad_norm, param_norm, update_norm = jnp.sqrt(sq(grads)), jnp.sqrt(sq(params)), jnp.sqrt(sq(updates))
-        finite = jnp.isfinite(loss) & fin(grads) & fin(updates)
+        # The sentinel, as nanlab.step computes it: one float32 sum of squares each over the
+        # gradients, the updates and the parameters; the finite flags are read off those sums.
+        grad_sq, update_sq, param_sq = (sum(tree_sq_norms(t).values()) for t in (grads, updates, params))
+        grad_norm, param_norm, update_norm = jnp.sqrt(grad_sq), jnp.sqrt(param_sq), jnp.sqrt(update_sq)
+        finite = jnp.isfinite(loss) & finite_given_sq_norm(grad_sq, grads) & finite_given_sq_norm(update_sq, updates)
         ratio = jnp.where(param_norm > 0, update_norm / jnp.where(param_norm > 0, param_norm, 1.0), 0.0)
         # Non-finite: keep the input state, so the failing step can be replayed exactly.
         new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
@@ -85,30 +87,9 @@ def build(width: float, size: int, batch: int, seed: int = 0):
     kx, ky = jax.random.split(jax.random.key(seed), 2)
     x = jax.random.normal(kx, (batch, size, size, 3))
     y = (jax.random.uniform(ky, (batch, 1)) > 0.5).astype(jnp.float32)
-    variables = numpy_init(model, x, seed)
+    variables = init_variables(model, jax.random.key(seed), (size, size, 3))  # fast to compile, unlike model.init
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
     return model, tx, state, (x, y)
-
-
-def numpy_init(model: Any, x: jax.Array, seed: int) -> Any:
-    """He-normal kernels, zero biases, unit scales and variances, drawn with numpy.
-
-    Timing does not depend on the values, and compiling `model.init` for InceptionV3 (its random
-    initializers) takes minutes on a small shared CPU; `jax.eval_shape` gives the shapes for free.
-    """
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(seed), x, train=False))
-    rng = np.random.default_rng(seed)
-
-    def fill(path: Any, leaf: Any) -> jax.Array:
-        name = jax.tree_util.keystr(path)
-        if "kernel" in name:
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
-        if "scale" in name or "var" in name:
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.zeros(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -154,14 +135,37 @@ def run(width: float, size: int, batch: int, rounds: int, seed: int = 0) -> dict
 
 
 def time_localize(model: Any, tx: Any, state: Any, data: Any) -> dict[str, Any]:
-    """Localize one planted NaN: a Mixed_5b kernel blown up so its convolution overflows."""
+    """Localize one planted overflow: a Mixed_5b kernel set to 3e38 (finite) so its convolution overflows."""
     params = jax.tree.map(lambda a: a, state[0])
-    params["Mixed_5b"]["Branch_1_Conv2d_0a_1x1"]["Conv"]["kernel"] = (
-        params["Mixed_5b"]["Branch_1_Conv2d_0a_1x1"]["Conv"]["kernel"] * 1e38)
+    conv = params["Mixed_5b"]["Branch_1_Conv2d_0a_1x1"]["Conv"]
+    conv["kernel"] = jnp.full_like(conv["kernel"], 3e38)  # x its >= 0 inputs (after ReLU), summed: inf
     bad_state = (params, state[1], state[2])
+    before = resident_gib()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:  # the localization's own peak (ru_maxrss would include the compilations above)
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], resident_gib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     report = localize(make_step(model, tx, sentinel=True), bad_state, data)
-    return {"localize_s": time.perf_counter() - start, "report": report}
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return {"localize_s": seconds, "report": report, "rss_before_gib": before,
+            "rss_peak_gib": max(peak[0], resident_gib())}
+
+
+def resident_gib() -> float:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return 0.0
 
 
 def _with_debug_nans(step: Callable, state: Any, data: Any) -> Any:
@@ -198,9 +202,10 @@ def to_markdown(result: dict[str, Any], args: argparse.Namespace, command: str) 
     where = origin.where() if origin else "(none)"
     lines += [
         "",
-        f"Localizing one planted NaN (a Mixed_5b kernel scaled by 1e38) with `nanlab.trace.localize`: "
+        f"Localizing one planted NaN (a Mixed_5b 1x1 kernel set to 3e38) with `nanlab.trace.localize`: "
         f"{result['localize_s']:.1f} s, {report.num_equations} equations; origin: {where}, "
-        f"cause {report.cause}.",
+        f"cause {report.cause}. Resident memory: {result['rss_before_gib']:.1f} GiB before, "
+        f"{result['rss_peak_gib']:.1f} GiB peak during the localization (sampled every 0.2 s).",
         "",
     ]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import optax
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -129,6 +130,19 @@ def tree_all_finite(tree: Any) -> jax.Array:
     """True when no leaf of `tree` holds a NaN or an Inf (a bool scalar; True for an empty tree)."""
     flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def finite_given_sq_norm(sq_norm: jax.Array, tree: Any) -> jax.Array:
+    """Whether `tree` is free of NaN and Inf, read off its float32 sum of squares `sq_norm`.
+
+    A sum of squares is NaN exactly when some value is NaN (squares are >= 0, so no inf - inf),
+    and inf when some value is infinite OR when finite values overflow the sum (|x| above ~1.8e19).
+    Only that last, ambiguous case pays for an elementwise check (under `lax.cond`); so the
+    sentinel gets its finite flag from the norm it computes anyway, without a second pass.
+    """
+    return lax.cond(
+        jnp.isinf(sq_norm), lambda: tree_all_finite(tree), lambda: jnp.isfinite(sq_norm)
+    )
 
 
 def tree_norm(tree: Any) -> jax.Array:
@@ -242,14 +256,16 @@ def make_train_step(
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         new_params = optax.apply_updates(state.params, updates)
 
-        # The sentinel: a handful of float32 reductions over arrays the step already holds.
+        # The sentinel: one float32 sum of squares each over the gradients, the updates and the
+        # parameters (arrays the step already holds); the finite flags come from those sums.
         grad_sq = tree_sq_norms(grads)
-        grad_norm = jnp.sqrt(sum(grad_sq.values(), jnp.zeros((), jnp.float32)))
+        grad_sq_total = sum(grad_sq.values(), jnp.zeros((), jnp.float32))
+        update_sq_total = sum(tree_sq_norms(updates).values(), jnp.zeros((), jnp.float32))
+        grad_norm, update_norm = jnp.sqrt(grad_sq_total), jnp.sqrt(update_sq_total)
         param_norm = tree_norm(state.params)
-        update_norm = tree_norm(updates)
         loss_finite = jnp.isfinite(loss)
-        grads_finite = tree_all_finite(grads)
-        updates_finite = tree_all_finite(updates)
+        grads_finite = finite_given_sq_norm(grad_sq_total, grads)
+        updates_finite = finite_given_sq_norm(update_sq_total, updates)
         finite = loss_finite & grads_finite & updates_finite
         # A plain where is safe here: nothing is differentiated through this ratio.
         update_ratio = jnp.where(param_norm > 0, update_norm / jnp.where(param_norm > 0, param_norm, 1.0), 0.0)

@@ -282,6 +282,11 @@ class Report:
 
 # -------------------------------------------------------------------------------------------- causes
 
+# Primitives that only multiply and add their operands: from finite operands, non-finite means overflow.
+_ACCUMULATING = frozenset({"mul", "add", "add_any", "sub", "neg", "reduce_sum", "cumsum", "dot_general",
+                           "conv_general_dilated"})
+
+
 def classify(primitive: str, inputs: Sequence[dict[str, Any]], output: dict[str, Any], *, root: bool,
              forward_primitive: str = "") -> str:
     """Name the cause of one non-finite output from the primitive and its operand summaries.
@@ -311,9 +316,11 @@ def classify(primitive: str, inputs: Sequence[dict[str, Any]], output: dict[str,
     if any(s["nan"] or any_inf(s) for s in inputs):
         return "non-finite-constant"
     has_negative = lambda s: s["min"] is not None and s["min"] < 0  # noqa: E731
-    # A product of finite operands can only reach inf by overflowing, whichever forward function's
-    # derivative it belongs to (huge activations times an rsqrt's derivative is still an overflow).
-    if primitive == "mul" and not output["nan"]:
+    # Products and sums of finite operands can only leave the finite range by overflowing, whichever
+    # forward function's derivative they belong to (huge activations times an rsqrt's derivative,
+    # or summed in a BatchNorm's backward pass, is still an overflow); a NaN from them comes from
+    # partial sums that overflowed to +inf and -inf inside the accumulation.
+    if primitive in _ACCUMULATING:
         return "overflow"
     # A backward root produced by a singular derivative is named after the forward function at fault.
     if forward_primitive in ("sqrt", "rsqrt", "cbrt") and any(s["zeros"] for s in inputs):

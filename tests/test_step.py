@@ -166,3 +166,18 @@ def test_model_without_batchnorm_has_empty_batch_stats():
 def test_norms_are_float32_for_low_precision_trees(dtype):
     tree = {"a": jnp.full((1000,), 300.0, dtype)}  # 300^2 * 1000 = 9e7 overflows float16 (max 65504)
     np.testing.assert_allclose(float(step_lib.tree_norm(tree)), 300.0 * np.sqrt(1000), rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "values, finite",
+    [([1.0, -2.0], True), ([1.0, np.nan], False), ([np.inf, 1.0], False), ([-np.inf, 1.0], False),
+     ([3e19, 3e19], True)],  # the last: the sum of squares overflows, the values do not
+)
+def test_finite_flag_from_the_sum_of_squares(values, finite):
+    tree = {"a": jnp.asarray(values, jnp.float32), "b": jnp.ones((3,), jnp.float32)}
+    sq = sum(step_lib.tree_sq_norms(tree).values())
+    assert bool(jax.jit(step_lib.finite_given_sq_norm)(sq, tree)) is finite
+    # Under vmap (nanlab.compare's replicas) the cond becomes a select: same answers.
+    stacked = jax.tree.map(lambda a: jnp.stack([a, jnp.zeros_like(a)]), tree)
+    flags = jax.vmap(lambda t: step_lib.finite_given_sq_norm(sum(step_lib.tree_sq_norms(t).values()), t))(stacked)
+    assert flags.tolist() == [finite, True]
