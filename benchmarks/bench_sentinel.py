@@ -40,7 +40,7 @@ import optax
 from jax.experimental import checkify
 
 from nanlab.models.inception_v3 import InceptionV3, init_variables
-from nanlab.step import finite_given_sq_norm, tree_sq_norms
+from nanlab.step import finite_given_sq_norm, tree_sq_norm
 from nanlab.trace import localize
 
 
@@ -69,7 +69,7 @@ def make_step(model: Any, tx: optax.GradientTransformation, *, sentinel: bool) -
             return new_state, {"loss": loss}
         # The sentinel, as nanlab.step computes it: one float32 sum of squares each over the
         # gradients, the updates and the parameters; the finite flags are read off those sums.
-        grad_sq, update_sq, param_sq = (sum(tree_sq_norms(t).values()) for t in (grads, updates, params))
+        grad_sq, update_sq, param_sq = (tree_sq_norm(t) for t in (grads, updates, params))
         grad_norm, param_norm, update_norm = jnp.sqrt(grad_sq), jnp.sqrt(param_sq), jnp.sqrt(update_sq)
         finite = jnp.isfinite(loss) & finite_given_sq_norm(grad_sq, grads) & finite_given_sq_norm(update_sq, updates)
         ratio = jnp.where(param_norm > 0, update_norm / jnp.where(param_norm > 0, param_norm, 1.0), 0.0)

@@ -383,6 +383,13 @@ def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def replica_train_step(problem: Problem, thresholds: jax.Array) -> Callable:
+    """nanlab.step's train step for one replica's clip thresholds (the guard is in the chain)."""
+    return make_train_step(
+        problem.model, problem.loss_fn, problem.tx(thresholds), schedule=problem.schedule, skip_nonfinite=True
+    )
+
+
 def make_replica_step(problem: Problem) -> Callable[[Replica, SeedState, jax.Array, jax.Array], tuple]:
     """Builds the pure lab step `step(replica, state, xb, yb) -> (state, StepRecord)`.
 
@@ -400,10 +407,7 @@ def make_replica_step(problem: Problem) -> Callable[[Replica, SeedState, jax.Arr
     """
 
     def step(replica: Replica, state: SeedState, xb: jax.Array, yb: jax.Array):
-        train_step = make_train_step(
-            problem.model, problem.loss_fn, problem.tx(replica.thresholds),
-            schedule=problem.schedule, skip_nonfinite=True,
-        )
+        train_step = replica_train_step(problem, replica.thresholds)
         new_train, stats = train_step(state.train, (xb, yb))
         probe = find_probe_state(new_train.opt_state)
         clip_active = stats.finite & probe.active
@@ -758,10 +762,7 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
     state = jax.tree.map(lambda a: a[i], run.final_states)
     rows = batch_indices(data.x_train.shape[0], [step], problem.batch_size, seed)[0]
     batch = (data.x_train[rows], data.y_train[rows])
-    thresholds = jnp.asarray(chain_thresholds(chain, problem.structure))
-    train_step = make_train_step(
-        problem.model, problem.loss_fn, problem.tx(thresholds), schedule=problem.schedule, skip_nonfinite=True
-    )
+    train_step = replica_train_step(problem, jnp.asarray(chain_thresholds(chain, problem.structure)))
     report = trace.localize(train_step, state.train, batch)
     history = [{"step": t, "loss": float(run.loss[t, i]), "grad_norm": float(run.grad_norm[t, i])} for t in range(step)]
     verdict = diagnose.diagnose(report, batch=batch, history=history)

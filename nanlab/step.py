@@ -147,9 +147,14 @@ def finite_given_sq_norm(sq_norm: jax.Array, tree: Any) -> jax.Array:
     )
 
 
+def tree_sq_norm(tree: Any) -> jax.Array:
+    """Global sum of squares of `tree` in float32 (the squared global L2 norm)."""
+    return sum(tree_sq_norms(tree).values(), jnp.zeros((), jnp.float32))
+
+
 def tree_norm(tree: Any) -> jax.Array:
     """Global L2 norm of `tree` in float32."""
-    return jnp.sqrt(sum(tree_sq_norms(tree).values(), jnp.zeros((), jnp.float32)))
+    return jnp.sqrt(tree_sq_norm(tree))
 
 
 def activation_max_abs(stats: Any) -> dict[str, jax.Array]:
@@ -262,7 +267,7 @@ def make_train_step(
         # parameters (arrays the step already holds); the finite flags come from those sums.
         grad_sq = tree_sq_norms(grads)
         grad_sq_total = sum(grad_sq.values(), jnp.zeros((), jnp.float32))
-        update_sq_total = sum(tree_sq_norms(updates).values(), jnp.zeros((), jnp.float32))
+        update_sq_total = tree_sq_norm(updates)
         grad_norm, update_norm = jnp.sqrt(grad_sq_total), jnp.sqrt(update_sq_total)
         param_norm = tree_norm(state.params)
         loss_finite = jnp.isfinite(loss)
