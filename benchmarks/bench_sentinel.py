@@ -11,12 +11,17 @@ four ways, interleaved round by round in a shuffled order so a shared machine's 
 alike:
 
 - plain: loss, gradients, optimizer update; nothing else.
-- sentinel: the same plus the in-jit sentinel of `nanlab.step` (finite flags of loss, gradients
-  and updates read off the float32 sums of squares that give the global grad, param and update
-  norms; update/param ratio; keep-the-old-state select).
-- jax_debug_nans: the plain step with `jax_debug_nans` on (host checks after every jitted call).
+- sentinel: the same plus nanlab.step's sentinel as it runs between logged steps: the finite
+  flags of the loss and the gradients, read off the float32 sum of squares that is also the
+  grad norm, and the update under ``lax.cond`` (a non-finite step keeps the input state).
+- jax_debug_nans: the plain step with `jax_debug_nans` on (host checks after every jitted call),
+  not donated, as nanlab's loop runs it under --debug-nans.
 - checkify: the plain step under `checkify.checkify(errors=float_checks)`, error fetched each step.
-- (also) nanlab.step: `nanlab.step.make_train_step`'s step as the training loop runs it.
+- nanlab loop step: `nanlab.train.make_loop_step` over `nanlab.step.make_train_step`, exactly what
+  the training loop runs on every step; and "logged": what it runs on the steps it logs (the
+  weights copied before the step, `nanlab.step.update_telemetry` after it).
+
+Every variant but jax_debug_nans donates its state, as the loop does.
 
 It prints each variant's median step time and the median of its per-round ratio to plain, then
 the time `nanlab.trace.localize` takes to localize one planted NaN in the same step.
@@ -36,6 +41,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.experimental import checkify
 
@@ -62,21 +68,20 @@ def make_step(model: Any, tx: optax.GradientTransformation, *, sentinel: bool) -
             return jnp.mean(bce(logits, y)), new["batch_stats"]
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        new_state = (new_params, new_stats, new_opt)
+
+        def updated():
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_stats, new_opt
+
         if not sentinel:
-            return new_state, {"loss": loss}
-        # The sentinel, as nanlab.step computes it: one float32 sum of squares each over the
-        # gradients, the updates and the parameters; the finite flags are read off those sums.
-        grad_sq, update_sq, param_sq = (tree_sq_norm(t) for t in (grads, updates, params))
-        grad_norm, param_norm, update_norm = jnp.sqrt(grad_sq), jnp.sqrt(param_sq), jnp.sqrt(update_sq)
-        finite = jnp.isfinite(loss) & finite_given_sq_norm(grad_sq, grads) & finite_given_sq_norm(update_sq, updates)
-        ratio = jnp.where(param_norm > 0, update_norm / jnp.where(param_norm > 0, param_norm, 1.0), 0.0)
-        # Non-finite: keep the input state, so the failing step can be replayed exactly.
-        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-        return new_state, {"loss": loss, "finite": finite, "grad_norm": grad_norm,
-                           "param_norm": param_norm, "update_ratio": ratio}
+            return updated(), {"loss": loss}
+        # The sentinel, as nanlab.step runs it between logged steps: one float32 sum of squares
+        # over the gradients, the finite flag read off it; the update runs under lax.cond, so a
+        # non-finite step keeps the input state for an exact replay.
+        grad_sq = tree_sq_norm(grads)
+        finite = jnp.isfinite(loss) & finite_given_sq_norm(grad_sq, grads)
+        new_state = jax.lax.cond(finite, updated, lambda: state)
+        return new_state, {"loss": loss, "finite": finite, "grad_norm": jnp.sqrt(grad_sq)}
 
     return step
 
@@ -99,37 +104,58 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def run(width: float, size: int, batch: int, rounds: int, seed: int = 0) -> dict[str, Any]:
-    model, tx, state, data = build(width, size, batch, seed)
-    plain = jax.jit(make_step(model, tx, sentinel=False))
-    guarded = jax.jit(make_step(model, tx, sentinel=True))
-    checked = jax.jit(checkify.checkify(make_step(model, tx, sentinel=False), errors=checkify.float_checks))
-    variants: dict[str, Callable[[], Any]] = {
-        "plain": lambda: plain(state, data),
-        "sentinel": lambda: guarded(state, data),
-        "jax_debug_nans": lambda: _with_debug_nans(plain, state, data),
-        "checkify float_checks": lambda: _checkify_step(checked, state, data),
-    }
-    try:
-        from nanlab.step import TrainState, make_train_step
+    from nanlab.step import TrainState, make_train_step, update_telemetry
+    from nanlab.train import make_loop_step
 
-        nstate = TrainState(step=jnp.zeros((), jnp.int32), params=state[0], batch_stats=state[1],
-                            opt_state=state[2], rng=jax.random.key(seed))
-        nanlab_step = jax.jit(make_train_step(model, bce, tx))
-        variants["nanlab.step (sentinel + telemetry)"] = lambda: nanlab_step(nstate, data)
-    except ImportError:  # nanlab.step not landed: the four core variants still run
-        pass
-    for name, fn in variants.items():  # compile (and warm) each outside the timing
-        fn()
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
+    model, tx, state, data = build(width, size, batch, seed)
+    # Every variant but jax_debug_nans donates its state, as nanlab's loop does (a donated step
+    # updates in place; the loop turns donation off under --debug-nans, and so does this bench).
+    donated = {"donate_argnums": (0,)}
+    plain = jax.jit(make_step(model, tx, sentinel=False), **donated)
+    undonated_plain = jax.jit(make_step(model, tx, sentinel=False))
+    guarded = jax.jit(make_step(model, tx, sentinel=True), **donated)
+    checked = jax.jit(checkify.checkify(make_step(model, tx, sentinel=False), errors=checkify.float_checks),
+                      **donated)
+    loop_step = make_loop_step(make_train_step(model, bce, tx), skip_nonfinite=False)
+    snapshot = jax.jit(lambda params: jax.tree.map(jnp.copy, params))
+    telemetry = jax.jit(update_telemetry)
+
+    def nanlab_state(s):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=s[0], batch_stats=s[1], opt_state=s[2],
+                          rng=jax.random.key(seed))
+
+    ok = jnp.bool_(True)
+    # Each variant threads its own copy of the state (donation consumes the input buffers).
+    states: dict[str, Any] = {}
+    steppers: dict[str, Callable[[Any], Any]] = {
+        "plain": lambda s: plain(s, data)[0],
+        "sentinel": lambda s: guarded(s, data)[0],
+        "jax_debug_nans": lambda s: _with_debug_nans(undonated_plain, s, data)[0],
+        "checkify float_checks": lambda s: _checkify_step(checked, s, data)[0],
+        "nanlab loop step": lambda s: loop_step(s, data, ok)[0],
+        "nanlab loop step, logged": lambda s: _logged_step(loop_step, snapshot, telemetry, s, data, ok),
+    }
+    for name in steppers:
+        fresh = jax.tree.map(jnp.copy, state)
+        states[name] = nanlab_state(fresh) if name.startswith("nanlab") else fresh
+
+    def timed_step(name: str) -> float:
+        start = time.perf_counter()
+        states[name] = jax.block_until_ready(steppers[name](states[name]))
+        return time.perf_counter() - start
+
+    for name in steppers:  # compile (and warm) each outside the timing
+        timed_step(name)
+        timed_step(name)
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    order = list(steppers)
     rng = random.Random(seed)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            times[name].append(timed(variants[name]))
-    ratios = {name: statistics.median(t / p for t, p in zip(times[name], times["plain"])) for name in variants}
-    medians = {name: statistics.median(times[name]) for name in variants}
+            times[name].append(timed_step(name))
+    ratios = {name: statistics.median(t / p for t, p in zip(times[name], times["plain"])) for name in steppers}
+    medians = {name: statistics.median(times[name]) for name in steppers}
     return {"medians": medians, "ratios": ratios, "rounds": rounds, "model": model, "tx": tx,
             "state": state, "data": data}
 
@@ -171,6 +197,15 @@ def resident_gib() -> float:
 def _with_debug_nans(step: Callable, state: Any, data: Any) -> Any:
     with jax.debug_nans(True):
         return step(state, data)
+
+
+def _logged_step(loop_step: Callable, snapshot: Callable, telemetry: Callable, state: Any, data: Any,
+                 ok: Any) -> Any:
+    """A step the loop logs: the weights copied before it, update_telemetry after it."""
+    before = snapshot(state.params)
+    new_state = loop_step(state, data, ok)[0]
+    jax.block_until_ready(telemetry(before, new_state.params))
+    return new_state
 
 
 def _checkify_step(step: Callable, state: Any, data: Any) -> Any:

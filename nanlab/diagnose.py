@@ -8,6 +8,7 @@ that stall instead of going NaN, or when no report exists).
 | --- | --- |
 | `bad-data` | the failing batch holds a NaN or Inf (or, without a batch, `report.bad_inputs` is not empty) |
 | `unscaled-inputs` | the batch's inputs reach max abs > `UNSCALED_MAX_ABS` (normalized inputs stay within a few units; raw 0-255 pixels do not) |
+| `learning-rate-too-high` | the batch is finite but parameters or optimizer state (`report.bad_inputs` paths naming `params`/`opt_state`) were non-finite on entry: the previous update overflowed |
 | `low-precision-overflow` | the origin is an overflow whose output dtype is float16 or bfloat16 |
 | `unstable-loss` | the origin sits outside every Flax module (the loss) and is a log of 0 or of a negative, or a division by 0 — forward or in its gradient — typically log(sigmoid(x)) saturating |
 | `learning-rate-too-high` | the origin is an overflow in the 'update' phase, or a recent update/param ratio >= `HIGH_UPDATE_RATIO` |
@@ -207,6 +208,15 @@ def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]
                             _report_line(report))
     elif found and report.bad_inputs:
         return _verdict("bad-data", "non-finite on entry: " + ", ".join(report.bad_inputs))
+    state_paths = [p for p in getattr(report, "bad_inputs", ()) if "params" in p or "opt_state" in p]
+    if found and state_paths:
+        # The batch is clean, so an earlier update wrote the non-finite weights: an overflow
+        # inside the optimizer (finite gradients times a huge step), which steps run without
+        # telemetry do not check (nanlab.step) and the next step's loss catches.
+        shown = ", ".join(state_paths[:3]) + (f" and {len(state_paths) - 3} more" if len(state_paths) > 3 else "")
+        return _verdict("learning-rate-too-high",
+                        f"the weights were already non-finite on entry ({shown}) while the batch "
+                        "was finite: the previous update overflowed")
 
     if origin is not None:
         dtypes = {s.get("dtype") for s in origin.outputs}

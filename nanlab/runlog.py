@@ -6,7 +6,7 @@ metrics.jsonl holds one JSON object per logged step. Keys of every row:
   for the per-step values);
 - ``loss``, ``accuracy``: the training batch's mean loss and label accuracy of that step;
 - ``grad_norm``, ``param_norm``, ``update_ratio``: global gradient norm, parameter norm before the
-  step, |update| / |params|;
+  step, |applied update| / |params| (the last two from `nanlab.step.update_telemetry`);
 - ``lr``: the learning rate of the step; ``skipped``: steps skipped so far (skip-nonfinite);
 - ``images_per_s``: training throughput since the previous row (null on the first row).
 

@@ -1,13 +1,18 @@
 """The train state, the pure train step with its in-jit sentinel, and the eval step.
 
 `make_train_step(model, loss_fn, tx)` returns a pure ``train_step(state, batch) -> (state,
-StepStats)``; the caller jits it with ``donate_argnums=0``. Every step it computes, inside the jit
-and in float32, whether the loss, the gradients and the optimizer's updates are finite, plus the
-global gradient norm, the parameter norm and the update/parameter ratio (big_vision's cheap
-``l2_grads``/``l2_params``/``l2_updates`` telemetry). These are three float32 sums of squares over
-arrays the step already holds, the finite flags read off them: within noise of a full-size
-InceptionV3 step on CPU, but ~12% of the cpu preset's 40 ms step, where each pass over the
-parameters is ~3% (benchmarks/results/bench_sentinel.md).
+StepStats)``; the caller jits it with ``donate_argnums=0``.
+
+The sentinel, every step: one float32 sum of squares over the gradients, which is also the global
+and per-module gradient norm; the loss's and the gradients' finite flags are read off it. The
+update then runs under ``lax.cond`` on that flag, so a healthy step updates the donated buffers
+in place, as a plain step does. On the cpu preset this costs ~1-2% of a plain step, where each
+more pass over the parameters would cost ~2-3% (benchmarks/results/bench_sentinel.md).
+
+`update_telemetry(params_before, params_after)` measures what the step did to the weights: the
+parameter norm, the norm of the applied update, their ratio (big_vision's ``l2_params``/
+``l2_updates``) and whether the new weights are finite. The loop runs it on the steps it logs
+only, so it costs nothing in between.
 
 When a step is non-finite and skipping is off, the returned state equals the input state, so the
 loop can replay the exact failing step (same state, batch and dropout rng) through
@@ -58,12 +63,9 @@ class StepStats:
       loss: mean loss of the batch.
       accuracy: fraction of correct (example, label) decisions, logit > 0 meaning 1.
       grad_norm: global L2 norm of the gradients.
-      param_norm: global L2 norm of the parameters before the step.
-      update_norm: global L2 norm of the optimizer's updates.
-      update_ratio: update_norm / param_norm (0 when the parameters are all zero).
       lr: the learning rate of this step.
-      loss_finite, grads_finite, updates_finite: bool, each quantity free of NaN and Inf.
-      finite: bool, all three.
+      loss_finite, grads_finite: bool, each quantity free of NaN and Inf.
+      finite: bool, both (and, with the skip guard, the guard did not skip the step).
       skipped: bool, this step's update was dropped by the skip-nonfinite guard.
       total_skipped: int32, steps skipped so far in the run (0 without the guard).
       module_grad_norms: top-level module name -> gradient norm.
@@ -73,13 +75,9 @@ class StepStats:
     loss: jax.Array
     accuracy: jax.Array
     grad_norm: jax.Array
-    param_norm: jax.Array
-    update_norm: jax.Array
-    update_ratio: jax.Array
     lr: jax.Array
     loss_finite: jax.Array
     grads_finite: jax.Array
-    updates_finite: jax.Array
     finite: jax.Array
     skipped: jax.Array
     total_skipped: jax.Array
@@ -121,11 +119,24 @@ def tree_sq_norms(tree: Any) -> dict[str, jax.Array]:
     """
     if not isinstance(tree, dict):
         tree = {"": tree}
-    return {
-        name: sum((jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(sub)),
-                  jnp.zeros((), jnp.float32))
-        for name, sub in tree.items()
-    }
+    return {name: _sum_of_squares(jax.tree.leaves(sub)) for name, sub in tree.items()}
+
+
+# Below this many elements an array's reduction costs its kernel launch more than its bytes.
+_SMALL_LEAF = 4096
+
+
+def _sum_of_squares(leaves: list[jax.Array]) -> jax.Array:
+    """Float32 sum of the squares of all `leaves`."""
+    squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves if leaf.size >= _SMALL_LEAF]
+    small = [leaf.astype(jnp.float32).ravel() for leaf in leaves if leaf.size < _SMALL_LEAF]
+    if small:
+        # On CPU every reduction is a kernel of its own: the BatchNorm scales and biases (half
+        # of InceptionV3's 190 arrays) are reduced as one concatenation, which took a pass over
+        # the width-0.25 model's parameters from 0.61 to 0.44 ms in a probe.
+        joined = jnp.concatenate(small)
+        squares.append(jnp.sum(jnp.square(joined)))
+    return sum(squares, jnp.zeros((), jnp.float32))
 
 
 def tree_all_finite(tree: Any) -> jax.Array:
@@ -155,6 +166,28 @@ def tree_sq_norm(tree: Any) -> jax.Array:
 def tree_norm(tree: Any) -> jax.Array:
     """Global L2 norm of `tree` in float32."""
     return jnp.sqrt(tree_sq_norm(tree))
+
+
+def update_telemetry(params_before: Any, params_after: Any) -> dict[str, jax.Array]:
+    """What one step did to the weights; jit it and give it a copy of the params from before the step.
+
+    Args:
+      params_before: the parameters before the step.
+      params_after: the parameters after it (same structure).
+
+    Returns:
+      float32 scalars ``param_norm`` (before), ``update_norm`` (norm of after - before: the update
+      as applied, weight decay included), ``update_ratio`` (update_norm / param_norm, 0 for all-zero
+      parameters) and the bool ``updates_finite`` (after - before free of NaN and Inf: with finite
+      weights before, the new weights are finite).
+    """
+    applied = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), params_after, params_before)
+    update_sq = tree_sq_norm(applied)
+    update_norm, param_norm = jnp.sqrt(update_sq), tree_norm(params_before)
+    # A plain where is safe here: nothing is differentiated through this ratio.
+    ratio = jnp.where(param_norm > 0, update_norm / jnp.where(param_norm > 0, param_norm, 1.0), 0.0)
+    return {"param_norm": param_norm, "update_norm": update_norm, "update_ratio": ratio,
+            "updates_finite": finite_given_sq_norm(update_sq, applied)}
 
 
 def activation_max_abs(stats: Any) -> dict[str, jax.Array]:
@@ -238,11 +271,15 @@ def make_train_step(
       aux_loss_weight: weight of the auxiliary head's loss when the model returns aux logits.
 
     Returns:
-      ``train_step(state, batch) -> (state, StepStats)``, pure; jit it with donate_argnums=0.
+      ``train_step(state, batch, apply_update=True) -> (state, StepStats)``, pure; jit it with
+      donate_argnums=0. `apply_update` (a Python bool or a traced bool scalar) False computes the
+      step's stats but returns the input state: the loop freezes its state that way after a
+      failure, inside the same executable.
     """
     pass_loss = isinstance(tx, optax.GradientTransformationExtraArgs)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, StepStats]:
+    def train_step(state: TrainState, batch: Batch,
+                   apply_update: bool | jax.Array = True) -> tuple[TrainState, StepStats]:
         x, labels = batch
         dropout_key = jax.random.fold_in(state.rng, state.step)
 
@@ -260,57 +297,63 @@ def make_train_step(
             compute_loss, has_aux=True
         )(state.params)
         extra = {"loss": loss} if pass_loss else {}
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra)
-        new_params = optax.apply_updates(state.params, updates)
 
-        # The sentinel: one float32 sum of squares each over the gradients, the updates and the
-        # parameters (arrays the step already holds); the finite flags come from those sums.
+        # The sentinel: one float32 sum of squares over the gradients (it is also the grad norm
+        # and the per-module norms); the finite flag is read off it, with the loss's.
         grad_sq = tree_sq_norms(grads)
         grad_sq_total = sum(grad_sq.values(), jnp.zeros((), jnp.float32))
-        update_sq_total = tree_sq_norm(updates)
-        grad_norm, update_norm = jnp.sqrt(grad_sq_total), jnp.sqrt(update_sq_total)
-        param_norm = tree_norm(state.params)
         loss_finite = jnp.isfinite(loss)
         grads_finite = finite_given_sq_norm(grad_sq_total, grads)
-        updates_finite = finite_given_sq_norm(update_sq_total, updates)
-        finite = loss_finite & grads_finite & updates_finite
-        # A plain where is safe here: nothing is differentiated through this ratio.
-        update_ratio = jnp.where(param_norm > 0, update_norm / jnp.where(param_norm > 0, param_norm, 1.0), 0.0)
+        inputs_ok = loss_finite & grads_finite
 
-        if skip_nonfinite:
-            # The guard already zeroed the update; BatchNorm's statistics bypass the optimizer,
-            # so a NaN forward pass must not reach them either.
-            new_batch_stats = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), new_batch_stats, state.batch_stats
-            )
-            new_state = state.replace(
-                step=state.step + 1, params=new_params, batch_stats=new_batch_stats,
-                opt_state=new_opt_state,
-            )
+        def next_state(updates, new_opt_state, finite):
+            # Finite gradients give non-finite updates only through an overflow inside the
+            # optimizer (a huge step); the step does not pay a pass over the updates for that
+            # rare case: the next step's loss meets the non-finite weights, and `update_telemetry`
+            # on logged steps flags it.
+            new_params = optax.apply_updates(state.params, updates)
+            batch_stats = new_batch_stats
+            if skip_nonfinite:
+                # The guard already zeroed the update; BatchNorm's statistics bypass the
+                # optimizer, so a NaN forward pass must not reach them either (small arrays).
+                batch_stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                           new_batch_stats, state.batch_stats)
+            return state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats,
+                                 opt_state=new_opt_state)
+
+        def update():
+            updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+            return next_state(updates, new_opt_state, inputs_ok)
+
+        # The update runs under lax.cond, keyed on the loss and gradients only: a healthy step
+        # then updates the donated buffers in place as a plain step does. Probes on the cpu
+        # preset: a where over the state cost +3-5% keyed so, +35-45% keyed on the updates'
+        # finiteness too (updates materialized, old and new state side by side); a second
+        # cond level around it +7-17%. Non-finite, or frozen by the caller (`apply_update`
+        # False): the input state comes back, so the loop can replay the step exactly.
+        proceed = apply_update if skip_nonfinite else inputs_ok & apply_update
+        if proceed is True:
+            new_state = update()
         else:
-            candidate = state.replace(
-                step=state.step + 1, params=new_params, batch_stats=new_batch_stats,
-                opt_state=new_opt_state,
-            )
-            # Non-finite: hand back the input state unchanged, so the loop can replay this step.
-            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
+            new_state = lax.cond(proceed, update, lambda: state)
+        new_opt_state = new_state.opt_state
+        finite = inputs_ok
 
         skip_state = find_skip_state(new_opt_state) if skip_nonfinite else None
         total_skipped = (
             jnp.asarray(skip_state.total_skips, jnp.int32) if skip_state is not None else jnp.zeros((), jnp.int32)
         )
+        if skip_state is not None:
+            # The guard also skips on non-finite updates, which the step itself does not check.
+            finite = finite & ~skip_state.last_skipped
         lr = schedule(state.step) if callable(schedule) else schedule
         step_stats = StepStats(
             loss=loss.astype(jnp.float32),
             accuracy=jnp.mean(batch_accuracy(logits, labels)),
-            grad_norm=grad_norm,
-            param_norm=param_norm,
-            update_norm=update_norm,
-            update_ratio=update_ratio,
+            grad_norm=jnp.sqrt(grad_sq_total),
             lr=jnp.asarray(lr, jnp.float32),
             loss_finite=loss_finite,
             grads_finite=grads_finite,
-            updates_finite=updates_finite,
             finite=finite,
             skipped=jnp.logical_and(skip_nonfinite, ~finite),
             total_skipped=total_skipped,

@@ -335,18 +335,24 @@ class _Placer:
 
 
 def _nonfinite_quantities(stats) -> list[str]:
-    return [name for name, flag in (("loss", stats.loss_finite), ("gradients", stats.grads_finite),
-                                    ("updates", stats.updates_finite)) if not bool(flag)]
+    """What a failed step found non-finite; None stats: the weights a previous update wrote."""
+    if stats is None:
+        return ["weights (written by the previous step's update)"]
+    return [name for name, flag in (("loss", stats.loss_finite), ("gradients", stats.grads_finite))
+            if not bool(flag)]
 
 
-def _metrics_row(step: int, stats, *, images_per_s: float | None, with_module_stats: bool) -> dict[str, Any]:
+def _metrics_row(step: int, stats, telemetry: dict | None, *, images_per_s: float | None,
+                 with_module_stats: bool) -> dict[str, Any]:
+    """A metrics.jsonl row from a step's stats and, on logged steps, its update telemetry."""
+    nan = float("nan")
     row = {
         "step": step,
         "loss": float(stats.loss),
         "accuracy": float(stats.accuracy),
         "grad_norm": float(stats.grad_norm),
-        "param_norm": float(stats.param_norm),
-        "update_ratio": float(stats.update_ratio),
+        "param_norm": float(telemetry["param_norm"]) if telemetry else nan,
+        "update_ratio": float(telemetry["update_ratio"]) if telemetry else nan,
         "lr": float(stats.lr),
         "skipped": int(stats.total_skipped),
         "images_per_s": images_per_s,
@@ -492,21 +498,10 @@ def _run(config: config_lib.TrainConfig) -> int:
     train_step = step_lib.make_train_step(model, loss_fn, tx, schedule=schedule, skip_nonfinite=config.skip_nonfinite,
                                           collect_stats=config.stats_every > 0)
 
-    def guarded(step_fn):
-        # `ok` turns False at the first non-finite step (without skipping) and freezes the state
-        # from then on, so the host may look only at log intervals and still find the exact
-        # state before the failure.
-        def loop_step(state, batch, ok):
-            new_state, stats = step_fn(state, batch)
-            new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-            still_ok = ok & (stats.finite | config.skip_nonfinite)
-            return new_state, stats, still_ok
-
-        debugging = config.debug_nans or config.debug_infs
-        # jax_debug_nans re-runs a failing call un-jitted on its arguments: they must not be donated.
-        return jax.jit(loop_step, donate_argnums=() if debugging else (0,))
-
-    step_fn = guarded(train_step)
+    step_fn = make_loop_step(train_step, skip_nonfinite=config.skip_nonfinite,
+                             donate=not (config.debug_nans or config.debug_infs))
+    telemetry_fn = jax.jit(step_lib.update_telemetry)
+    snapshot = jax.jit(lambda params: jax.tree.map(jnp.copy, params))  # one dispatch, not one per array
     eval_fn = jax.jit(step_lib.make_eval_step(model, loss_fn))
     moments_fn = jax.jit(step_lib.make_batch_moments_fn(model, BN_MOMENTUM))
 
@@ -544,6 +539,9 @@ def _run(config: config_lib.TrainConfig) -> int:
             while step < config.steps:
                 batch = placer.batch(batch_of(step))
                 with_stats = config.stats_every > 0 and (step + 1) % config.stats_every == 0
+                # The weights before a logged step, for update_telemetry (the step donates them).
+                before = (snapshot(state.params)
+                          if _logs_after(step + 1, config) or with_stats else None)
                 try:
                     state, stats, ok = step_fn(state, batch, ok)
                 except FloatingPointError as error:
@@ -553,15 +551,20 @@ def _run(config: config_lib.TrainConfig) -> int:
                     exit_code = EXIT_NONFINITE
                     summary.update(status="non-finite", failed_step=step, jax_error=str(error).splitlines()[0])
                     break
-                pending.append((step, stats))
+                pending.append((step, stats, None if before is None else telemetry_fn(before, state.params)))
                 step += 1
-                eval_due = step == config.steps or (config.eval_every and step % config.eval_every == 0)
-                ckpt_due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                eval_due, ckpt_due = _eval_due(step, config), _checkpoint_due(step, config)
                 watch_skips = config.skip_nonfinite and first_event is None
-                if not (step % config.log_every == 0 or with_stats or eval_due or ckpt_due or watch_skips):
+                if not (_logs_after(step, config) or with_stats or watch_skips):
                     continue
-                host = jax.device_get([s for _, s in pending])
-                bad = [(k, s) for (k, _), s in zip(pending, host) if not bool(s.finite)]
+                host = jax.device_get([(s, t) for _, s, t in pending])
+                bad = [(k, s) for (k, _, _), (s, _) in zip(pending, host) if not bool(s.finite)]
+                last_telemetry = host[-1][1]
+                if (not bad and not config.skip_nonfinite and last_telemetry is not None
+                        and not bool(last_telemetry["updates_finite"])):
+                    # This step's update (finite gradients) made the weights non-finite: an overflow
+                    # inside the optimizer. The next step is the first to meet them; replay that.
+                    bad = [(step, None)]
                 pending = []
                 if bad and not config.skip_nonfinite:
                     failed_step, failed_stats = bad[0]
@@ -584,11 +587,12 @@ def _run(config: config_lib.TrainConfig) -> int:
                                                 batch=batch_of(failed_step), history=runlog.rows)
                     first_event = {"step": failed_step, "nonfinite": quantities,
                                    "cause": payload["verdict"]["cause"]}
-                last = host[-1]
-                if step % config.log_every == 0 or with_stats or eval_due or ckpt_due:
+                last, telemetry = host[-1]
+                if _logs_after(step, config) or with_stats:
                     now = time.perf_counter()
                     images_per_s = (step - interval_step) * config.batch_size / (now - interval_start)
-                    row = _metrics_row(step, last, images_per_s=images_per_s if interval_step > start_step else None,
+                    row = _metrics_row(step, last, telemetry,
+                                       images_per_s=images_per_s if interval_step > start_step else None,
                                        with_module_stats=with_stats)
                     if eval_due:
                         row.update(_evaluate(eval_fn, moments_fn, state, dataset, config, placer))
@@ -622,6 +626,37 @@ def _run(config: config_lib.TrainConfig) -> int:
             summary["verdict"] = verdict
     runlog.finish(summary, plots=config.plots)
     return exit_code
+
+
+def make_loop_step(train_step, *, skip_nonfinite: bool, donate: bool = True):
+    """The jitted step the loop runs: ``loop_step(state, batch, ok) -> (state, stats, ok)``.
+
+    `ok` turns False at the first non-finite step (without skipping) and freezes the state from
+    then on, so the host may look only at log intervals and still find the exact state before the
+    failure. The step gates its own update on `ok` (a lax.cond around the whole step doubled its
+    time on the cpu preset). Donates the state unless `donate` is False (jax_debug_nans re-runs a
+    failing call on its arguments, which must then still exist).
+    """
+    import jax
+
+    def loop_step(state, batch, ok):
+        new_state, stats = train_step(state, batch, ok)
+        return new_state, stats, ok & (stats.finite | skip_nonfinite)
+
+    return jax.jit(loop_step, donate_argnums=(0,) if donate else ())
+
+
+def _eval_due(step: int, config: config_lib.TrainConfig) -> bool:
+    return step == config.steps or bool(config.eval_every and step % config.eval_every == 0)
+
+
+def _checkpoint_due(step: int, config: config_lib.TrainConfig) -> bool:
+    return step == config.steps or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+
+
+def _logs_after(step: int, config: config_lib.TrainConfig) -> bool:
+    """Whether the loop writes a metrics row once `step` steps are done (stats rows aside)."""
+    return step % config.log_every == 0 or _eval_due(step, config) or _checkpoint_due(step, config)
 
 
 def _median(values: list[float]) -> float | None:

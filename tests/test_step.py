@@ -56,14 +56,38 @@ def test_finite_step_updates_state_and_reports_norms():
     assert int(new_state.step) == 1
     assert bool(stats.finite) and bool(stats.loss_finite) and bool(stats.grads_finite)
     assert not _leaves_equal(params_before, new_state.params)
-    expected_param_norm = np.sqrt(sum(np.sum(np.square(p)) for p in jax.tree.leaves(params_before)))
-    np.testing.assert_allclose(float(stats.param_norm), expected_param_norm, rtol=1e-5)
     module_norms = {k: float(v) for k, v in stats.module_grad_norms.items()}
     assert set(module_norms) == {"Conv", "BN", "Logits"}
     np.testing.assert_allclose(float(stats.grad_norm), np.sqrt(sum(v**2 for v in module_norms.values())), rtol=1e-5)
-    np.testing.assert_allclose(float(stats.update_ratio), float(stats.update_norm) / float(stats.param_norm), rtol=1e-5)
     np.testing.assert_allclose(float(stats.lr), 1e-2, rtol=1e-6)
     assert stats.activation_max_abs == {}
+
+
+def test_update_telemetry_measures_the_applied_update():
+    _, _, state, train_step = _setup()
+    before = jax.tree.map(np.asarray, state.params)
+    new_state, _ = jax.jit(train_step)(state, _batch())
+    after = jax.tree.map(np.asarray, new_state.params)
+    telemetry = jax.jit(step_lib.update_telemetry)(before, new_state.params)
+    param_norm = np.sqrt(sum(np.sum(np.square(p.astype(np.float64))) for p in jax.tree.leaves(before)))
+    update_norm = np.sqrt(sum(np.sum(np.square(a.astype(np.float64) - b)) for a, b in
+                              zip(jax.tree.leaves(after), jax.tree.leaves(before))))
+    np.testing.assert_allclose(float(telemetry["param_norm"]), param_norm, rtol=1e-5)
+    np.testing.assert_allclose(float(telemetry["update_norm"]), update_norm, rtol=1e-5)
+    np.testing.assert_allclose(float(telemetry["update_ratio"]), update_norm / param_norm, rtol=1e-5)
+    assert update_norm > 0 and bool(telemetry["updates_finite"])
+
+
+def test_sum_of_squares_is_exact_over_small_and_large_leaves():
+    # Small leaves are reduced as one concatenation, large ones one by one: the total must not care.
+    rng = np.random.default_rng(0)
+    tree = {"a": {"bias": rng.normal(size=7), "kernel": rng.normal(size=(64, 80))},
+            "b": {"scale": rng.normal(size=(3, 5)), "big": rng.normal(size=5000)}}
+    tree = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+    sums = jax.jit(step_lib.tree_sq_norms)(tree)
+    for name, sub in tree.items():
+        expected = sum(np.sum(np.square(np.asarray(leaf, np.float64))) for leaf in jax.tree.leaves(sub))
+        np.testing.assert_allclose(float(sums[name]), expected, rtol=1e-5)
 
 
 def test_nonfinite_step_returns_the_input_state_unchanged():
@@ -79,27 +103,45 @@ def test_nonfinite_step_returns_the_input_state_unchanged():
     assert _leaves_equal(before, after)
 
 
-def test_inf_in_updates_only_is_caught():
-    # A transformation that turns finite gradients into an infinite update: only updates_finite trips.
+def test_apply_update_false_freezes_a_finite_step():
+    _, _, state, train_step = _setup()
+    before = jax.tree.map(np.asarray, state)
+    after, stats = jax.jit(train_step, donate_argnums=0)(state, _batch(), jnp.bool_(False))
+    assert bool(stats.finite)
+    assert _leaves_equal(before, after)
+
+
+def test_inf_update_from_finite_gradients_is_caught_by_telemetry_and_the_next_step():
+    # A transformation that turns finite gradients into an infinite update. The step does not
+    # pay a pass over the updates: update_telemetry flags them, and the next step's sentinel
+    # meets the non-finite weights, which trace reports as bad inputs and diagnose as a too-high
+    # learning rate.
+    from nanlab import diagnose, trace
+
     blow_up = optax.GradientTransformation(
         lambda params: optax.EmptyState(),
         lambda updates, state, params=None: (jax.tree.map(lambda u: u * jnp.inf, updates), state),
     )
     _, _, state, train_step = _setup(tx=blow_up)
-    _, stats = jax.jit(train_step)(state, _batch())
-    assert bool(stats.loss_finite) and bool(stats.grads_finite)
-    assert not bool(stats.updates_finite) and not bool(stats.finite)
+    before = jax.tree.map(jnp.copy, state.params)
+    state, stats = jax.jit(train_step)(state, _batch())
+    assert bool(stats.finite)
+    assert not bool(jax.jit(step_lib.update_telemetry)(before, state.params)["updates_finite"])
+    batch = _batch(1)
+    _, stats = jax.jit(train_step)(state, batch)
+    assert not bool(stats.finite) and not bool(stats.loss_finite)
+    report = trace.localize(train_step, state, batch)
+    assert any("params" in path for path in report.bad_inputs)
+    assert diagnose.diagnose(report, batch=batch).cause == "learning-rate-too-high"
 
 
-def test_huge_but_finite_gradients_are_finite():
-    # The norm may overflow float32 (1e30 squared), but no value is non-finite: the flags must say so.
-    huge = optax.GradientTransformation(
-        lambda params: optax.EmptyState(),
-        lambda updates, state, params=None: (jax.tree.map(lambda u: jnp.full_like(u, 1e30), updates), state),
-    )
-    _, _, state, train_step = _setup(tx=huge)
-    _, stats = jax.jit(train_step)(state, _batch())
-    assert bool(stats.updates_finite) and bool(stats.finite)
+def test_huge_but_finite_updates_are_finite():
+    # The norm overflows float32 (1e30 squared), but no value is non-finite: the flag must say so.
+    params = {"w": jnp.zeros((4, 4)), "b": jnp.zeros(3)}
+    after = jax.tree.map(lambda p: jnp.full_like(p, 1e30), params)
+    telemetry = jax.jit(step_lib.update_telemetry)(params, after)
+    assert bool(telemetry["updates_finite"])
+    assert float(telemetry["update_ratio"]) == 0.0  # all-zero weights before: ratio defined as 0
 
 
 def test_skip_nonfinite_counts_and_keeps_params_and_batch_stats():

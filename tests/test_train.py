@@ -138,6 +138,21 @@ def test_failure_scenarios_exit_3_with_report(tmp_path, capsys, scenario, cause)
     assert not any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
 
 
+@pytest.mark.parametrize("log_every", [1, 5])
+def test_update_overflow_from_finite_gradients_is_reported_as_learning_rate_too_high(tmp_path, capsys, log_every):
+    # lr 1e39 is inf in float32: step 0's gradients are finite, its update is not. Logged (every
+    # step), update_telemetry flags it at once; unlogged, step 1's sentinel meets the weights.
+    # Either way the replay is of step 1, whose weights were non-finite on entry.
+    workdir = tmp_path / f"overflow{log_every}"
+    code = train.main(_argv(workdir, steps=10, lr=1e39, optimizer="sgd", log_every=log_every))
+    capsys.readouterr()
+    assert code == 3
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["step"] == 1
+    assert report["verdict"]["cause"] == "learning-rate-too-high"
+    assert any("params" in path for path in report["report"]["bad_inputs"])
+
+
 def test_skip_nonfinite_finishes_with_finite_params_and_a_skip_count(tmp_path, capsys):
     workdir = tmp_path / "skip"
     code = train.main(_argv(workdir, scenario="naive-loss", steps=30, skip_nonfinite=True))
