@@ -1152,7 +1152,7 @@ DEFAULT_CHAINS: tuple[str, ...] = (
 )
 DEFAULT_SEEDS = 8
 DEFAULT_STEPS = 20
-# The default grid trains high-lr with plain SGD, unless --optimizer says otherwise: Adam divides
+# The default grid trains with plain SGD (high-lr's own optimizer), unless --optimizer says otherwise: Adam divides
 # each step by the gradient's running RMS, so clipping the gradient barely changes Adam's step
 # (measured on this grid with the scenario's Adam: no chain changed the outcome, and the baseline
 # itself stayed finite for 20 steps); with SGD a clip bounds the step to lr x threshold.

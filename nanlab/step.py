@@ -6,8 +6,9 @@ StepStats)``; the caller jits it with ``donate_argnums=0``.
 The sentinel, every step: one float32 sum of squares over the gradients, which is also the global
 and per-module gradient norm; the loss's and the gradients' finite flags are read off it. The
 update then runs under ``lax.cond`` on that flag, so a healthy step updates the donated buffers
-in place, as a plain step does. On the cpu preset this costs ~1-2% of a plain step, where each
-more pass over the parameters would cost ~2-3% (benchmarks/results/bench_sentinel.md).
+in place, as a plain step does. That is within noise of a plain step at full size and +3-5% of
+the cpu preset's 35-40 ms step, where the reduction alone is ~1% (benchmarks/results/
+bench_sentinel.md).
 
 `update_telemetry(params_before, params_after)` measures what the step did to the weights: the
 parameter norm, the norm of the applied update, their ratio (big_vision's ``l2_params``/

@@ -9,6 +9,10 @@ the host reads them only at log intervals. A non-finite step freezes the state o
 step returns its input state, and every later step of the interval is a no-op), so at the next sync
 the loop holds exactly the state before the failing step: it replays that step un-jitted through
 `nanlab.trace.localize`, runs `nanlab.diagnose.diagnose`, prints both, writes report.json and exits 3.
+On the steps it logs, the loop also runs `nanlab.step.update_telemetry` on a copy of the weights
+from before the step (parameter norm, update/param ratio); when that finds the new weights
+non-finite (an overflow inside the optimizer, which the step itself does not check), the failure
+is the next step, the first to meet them.
 With --skip-nonfinite the guard drops the update and the run goes on; the loop then reads the
 one-bool sentinel every step until the first event is recorded, so that event's replay starts from
 the state the event saw (parameters, BatchNorm and optimizer moments are untouched by a skipped

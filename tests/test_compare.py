@@ -364,7 +364,8 @@ def test_cli_tiny_grid_end_to_end_and_clipping_rescues_high_lr(tmp_path, tiny_mo
     [
         ([], "sgd", 1e4),  # the default grid: high-lr with SGD, where a clip bounds the step
         (["--optimizer", "adam"], "adam", 1e4),  # an explicit flag wins
-        (["--scenarios", "high-lr"], "adam", 1e4),  # a named scenario keeps its own recipe
+        (["--scenarios", "high-lr"], "sgd", 1e4),  # a named scenario keeps its own recipe (SGD)
+        (["--scenarios", "high-lr", "--optimizer", "adam"], "adam", 1e4),
     ],
 )
 def test_default_grid_trains_high_lr_with_sgd_unless_told_otherwise(argv, optimizer, lr):
