@@ -46,7 +46,7 @@ import optax
 from jax.experimental import checkify
 
 from nanlab.models.inception_v3 import InceptionV3, init_variables
-from nanlab.step import finite_given_sq_norm, tree_sq_norm
+from nanlab.step import finite_from_sq_norm, tree_sq_norm
 from nanlab.trace import localize
 
 
@@ -78,8 +78,8 @@ def make_step(model: Any, tx: optax.GradientTransformation, *, sentinel: bool) -
         # The sentinel, as nanlab.step runs it between logged steps: one float32 sum of squares
         # over the gradients, the finite flag read off it; the update runs under lax.cond, so a
         # non-finite step keeps the input state for an exact replay.
-        grad_sq = tree_sq_norm(grads)
-        finite = jnp.isfinite(loss) & finite_given_sq_norm(grad_sq, grads)
+        grad_sq = tree_sq_norm(grads, nan_if_nonfinite=True)
+        finite = jnp.isfinite(loss) & finite_from_sq_norm(grad_sq)
         new_state = jax.lax.cond(finite, updated, lambda: state)
         return new_state, {"loss": loss, "finite": finite, "grad_norm": jnp.sqrt(grad_sq)}
 

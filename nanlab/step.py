@@ -6,7 +6,7 @@ StepStats)``; the caller jits it with ``donate_argnums=0``.
 The sentinel, every step: one float32 sum of squares over the gradients, which is also the global
 and per-module gradient norm; the loss's and the gradients' finite flags are read off it. The
 update then runs under ``lax.cond`` on that flag, so a healthy step updates the donated buffers
-in place, as a plain step does. That is within noise of a plain step at full size and +3-5% of
+in place, as a plain step does. That is within noise of a plain step at full size and +2-6% of
 the cpu preset's 35-40 ms step, where the reduction alone is ~1% (benchmarks/results/
 bench_sentinel.md).
 
@@ -63,7 +63,7 @@ class StepStats:
     Attributes:
       loss: mean loss of the batch.
       accuracy: fraction of correct (example, label) decisions, logit > 0 meaning 1.
-      grad_norm: global L2 norm of the gradients.
+      grad_norm: global L2 norm of the gradients (NaN when a gradient is NaN or infinite).
       lr: the learning rate of this step.
       loss_finite, grads_finite: bool, each quantity free of NaN and Inf.
       finite: bool, both (and, with the skip guard, the guard did not skip the step).
@@ -113,31 +113,46 @@ def create_train_state(
     )
 
 
-def tree_sq_norms(tree: Any) -> dict[str, jax.Array]:
+def tree_sq_norms(tree: Any, *, nan_if_nonfinite: bool = False) -> dict[str, jax.Array]:
     """Sum of squares of each top-level subtree, accumulated in float32.
 
     Float32 keeps a bfloat16/float16 tree's squares from overflowing their narrow range.
+
+    Args:
+      tree: a pytree of arrays (a dict's top-level keys name the sums).
+      nan_if_nonfinite: make a sum NaN exactly when its subtree holds a NaN or an Inf, so that
+        the sum is also the finite flag (`finite_from_sq_norm`); a sum of finite values that
+        overflows stays inf.
     """
     if not isinstance(tree, dict):
         tree = {"": tree}
-    return {name: _sum_of_squares(jax.tree.leaves(sub)) for name, sub in tree.items()}
+    return {name: _sum_of_squares(jax.tree.leaves(sub), nan_if_nonfinite) for name, sub in tree.items()}
 
 
 # Below this many elements an array's reduction costs its kernel launch more than its bytes.
 _SMALL_LEAF = 4096
 
 
-def _sum_of_squares(leaves: list[jax.Array]) -> jax.Array:
+def _squares(x: jax.Array, nan_if_nonfinite: bool) -> jax.Array:
+    x = x.astype(jnp.float32)
+    if nan_if_nonfinite:
+        # x*0 is 0 for finite x and NaN for +-inf (and NaN), so an inf value makes the sum NaN
+        # rather than inf, and an inf sum can only be an overflow of finite values (|x| > ~1.8e19).
+        # One reduction thus gives both the norm and the finite flag, with no second pass.
+        return x * x + x * 0.0
+    return jnp.square(x)
+
+
+def _sum_of_squares(leaves: list[jax.Array], nan_if_nonfinite: bool = False) -> jax.Array:
     """Float32 sum of the squares of all `leaves`."""
-    squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves if leaf.size >= _SMALL_LEAF]
+    sums = [jnp.sum(_squares(leaf, nan_if_nonfinite)) for leaf in leaves if leaf.size >= _SMALL_LEAF]
     small = [leaf.astype(jnp.float32).ravel() for leaf in leaves if leaf.size < _SMALL_LEAF]
     if small:
         # On CPU every reduction is a kernel of its own: the BatchNorm scales and biases (half
         # of InceptionV3's 190 arrays) are reduced as one concatenation, which took a pass over
         # the width-0.25 model's parameters from 0.61 to 0.44 ms in a probe.
-        joined = jnp.concatenate(small)
-        squares.append(jnp.sum(jnp.square(joined)))
-    return sum(squares, jnp.zeros((), jnp.float32))
+        sums.append(jnp.sum(_squares(jnp.concatenate(small), nan_if_nonfinite)))
+    return sum(sums, jnp.zeros((), jnp.float32))
 
 
 def tree_all_finite(tree: Any) -> jax.Array:
@@ -146,22 +161,18 @@ def tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
-def finite_given_sq_norm(sq_norm: jax.Array, tree: Any) -> jax.Array:
-    """Whether `tree` is free of NaN and Inf, read off its float32 sum of squares `sq_norm`.
+def finite_from_sq_norm(sq_norm: jax.Array) -> jax.Array:
+    """Whether a tree is free of NaN and Inf, from its ``nan_if_nonfinite`` sum of squares.
 
-    A sum of squares is NaN exactly when some value is NaN (squares are >= 0, so no inf - inf),
-    and inf when some value is infinite OR when finite values overflow the sum (|x| above ~1.8e19).
-    Only that last, ambiguous case pays for an elementwise check (under `lax.cond`); so the
-    sentinel gets its finite flag from the norm it computes anyway, without a second pass.
+    Squares are >= 0, so such a sum is NaN exactly when a value was NaN or infinite; an inf sum
+    is an overflow of finite values and counts as finite.
     """
-    return lax.cond(
-        jnp.isinf(sq_norm), lambda: tree_all_finite(tree), lambda: jnp.isfinite(sq_norm)
-    )
+    return ~jnp.isnan(sq_norm)
 
 
-def tree_sq_norm(tree: Any) -> jax.Array:
-    """Global sum of squares of `tree` in float32 (the squared global L2 norm)."""
-    return sum(tree_sq_norms(tree).values(), jnp.zeros((), jnp.float32))
+def tree_sq_norm(tree: Any, *, nan_if_nonfinite: bool = False) -> jax.Array:
+    """Global sum of squares of `tree` in float32 (the squared global L2 norm); see `tree_sq_norms`."""
+    return sum(tree_sq_norms(tree, nan_if_nonfinite=nan_if_nonfinite).values(), jnp.zeros((), jnp.float32))
 
 
 def tree_norm(tree: Any) -> jax.Array:
@@ -178,17 +189,17 @@ def update_telemetry(params_before: Any, params_after: Any) -> dict[str, jax.Arr
 
     Returns:
       float32 scalars ``param_norm`` (before), ``update_norm`` (norm of after - before: the update
-      as applied, weight decay included), ``update_ratio`` (update_norm / param_norm, 0 for all-zero
+      as applied, weight decay included; NaN when not finite), ``update_ratio`` (update_norm / param_norm, 0 for all-zero
       parameters) and the bool ``updates_finite`` (after - before free of NaN and Inf: with finite
       weights before, the new weights are finite).
     """
     applied = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), params_after, params_before)
-    update_sq = tree_sq_norm(applied)
+    update_sq = tree_sq_norm(applied, nan_if_nonfinite=True)
     update_norm, param_norm = jnp.sqrt(update_sq), tree_norm(params_before)
     # A plain where is safe here: nothing is differentiated through this ratio.
     ratio = jnp.where(param_norm > 0, update_norm / jnp.where(param_norm > 0, param_norm, 1.0), 0.0)
     return {"param_norm": param_norm, "update_norm": update_norm, "update_ratio": ratio,
-            "updates_finite": finite_given_sq_norm(update_sq, applied)}
+            "updates_finite": finite_from_sq_norm(update_sq)}
 
 
 def activation_max_abs(stats: Any) -> dict[str, jax.Array]:
@@ -301,10 +312,10 @@ def make_train_step(
 
         # The sentinel: one float32 sum of squares over the gradients (it is also the grad norm
         # and the per-module norms); the finite flag is read off it, with the loss's.
-        grad_sq = tree_sq_norms(grads)
+        grad_sq = tree_sq_norms(grads, nan_if_nonfinite=True)
         grad_sq_total = sum(grad_sq.values(), jnp.zeros((), jnp.float32))
         loss_finite = jnp.isfinite(loss)
-        grads_finite = finite_given_sq_norm(grad_sq_total, grads)
+        grads_finite = finite_from_sq_norm(grad_sq_total)
         inputs_ok = loss_finite & grads_finite
 
         def next_state(updates, new_opt_state, finite):

@@ -215,11 +215,17 @@ def test_norms_are_float32_for_low_precision_trees(dtype):
     [([1.0, -2.0], True), ([1.0, np.nan], False), ([np.inf, 1.0], False), ([-np.inf, 1.0], False),
      ([3e19, 3e19], True)],  # the last: the sum of squares overflows, the values do not
 )
-def test_finite_flag_from_the_sum_of_squares(values, finite):
-    tree = {"a": jnp.asarray(values, jnp.float32), "b": jnp.ones((3,), jnp.float32)}
-    sq = step_lib.tree_sq_norm(tree)
-    assert bool(jax.jit(step_lib.finite_given_sq_norm)(sq, tree)) is finite
-    # Under vmap (nanlab.compare's replicas) the cond becomes a select: same answers.
-    stacked = jax.tree.map(lambda a: jnp.stack([a, jnp.zeros_like(a)]), tree)
-    flags = jax.vmap(lambda t: step_lib.finite_given_sq_norm(step_lib.tree_sq_norm(t), t))(stacked)
-    assert flags.tolist() == [finite, True]
+@pytest.mark.parametrize("size", [2, 5000])  # reduced in the small-leaf concatenation, and alone
+def test_finite_flag_from_the_sum_of_squares(values, finite, size):
+    a = np.ones(size, np.float32)
+    a[:2] = values
+    tree = {"a": jnp.asarray(a), "b": jnp.ones((3,), jnp.float32)}
+    flag = jax.jit(lambda t: step_lib.finite_from_sq_norm(step_lib.tree_sq_norm(t, nan_if_nonfinite=True)))
+    assert bool(flag(tree)) is finite
+    # Under vmap (nanlab.compare's replicas): same answers per replica.
+    stacked = jax.tree.map(lambda x: jnp.stack([x, jnp.zeros_like(x)]), tree)
+    assert jax.vmap(flag)(stacked).tolist() == [finite, True]
+    # The flagged sum is the plain sum of squares whenever the values are finite.
+    if finite:
+        np.testing.assert_allclose(float(step_lib.tree_sq_norm(tree, nan_if_nonfinite=True)),
+                                   float(step_lib.tree_sq_norm(tree)), rtol=1e-6)
