@@ -155,12 +155,6 @@ def _sum_of_squares(leaves: list[jax.Array], nan_if_nonfinite: bool = False) -> 
     return sum(sums, jnp.zeros((), jnp.float32))
 
 
-def tree_all_finite(tree: Any) -> jax.Array:
-    """True when no leaf of `tree` holds a NaN or an Inf (a bool scalar; True for an empty tree)."""
-    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
-
-
 def finite_from_sq_norm(sq_norm: jax.Array) -> jax.Array:
     """Whether a tree is free of NaN and Inf, from its ``nan_if_nonfinite`` sum of squares.
 
@@ -318,24 +312,20 @@ def make_train_step(
         grads_finite = finite_from_sq_norm(grad_sq_total)
         inputs_ok = loss_finite & grads_finite
 
-        def next_state(updates, new_opt_state, finite):
+        def update():
             # Finite gradients give non-finite updates only through an overflow inside the
             # optimizer (a huge step); the step does not pay a pass over the updates for that
             # rare case: the next step's loss meets the non-finite weights, and `update_telemetry`
             # on logged steps flags it.
-            new_params = optax.apply_updates(state.params, updates)
+            updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra)
             batch_stats = new_batch_stats
             if skip_nonfinite:
                 # The guard already zeroed the update; BatchNorm's statistics bypass the
                 # optimizer, so a NaN forward pass must not reach them either (small arrays).
-                batch_stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                batch_stats = jax.tree.map(lambda new, old: jnp.where(inputs_ok, new, old),
                                            new_batch_stats, state.batch_stats)
-            return state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats,
-                                 opt_state=new_opt_state)
-
-        def update():
-            updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra)
-            return next_state(updates, new_opt_state, inputs_ok)
+            return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                 batch_stats=batch_stats, opt_state=new_opt_state)
 
         # The update runs under lax.cond, keyed on the loss and gradients only: a healthy step
         # then updates the donated buffers in place as a plain step does. Probes on the cpu
@@ -348,10 +338,8 @@ def make_train_step(
             new_state = update()
         else:
             new_state = lax.cond(proceed, update, lambda: state)
-        new_opt_state = new_state.opt_state
         finite = inputs_ok
-
-        skip_state = find_skip_state(new_opt_state) if skip_nonfinite else None
+        skip_state = find_skip_state(new_state.opt_state) if skip_nonfinite else None
         total_skipped = (
             jnp.asarray(skip_state.total_skips, jnp.int32) if skip_state is not None else jnp.zeros((), jnp.int32)
         )

@@ -543,9 +543,9 @@ def _run(config: config_lib.TrainConfig) -> int:
             while step < config.steps:
                 batch = placer.batch(batch_of(step))
                 with_stats = config.stats_every > 0 and (step + 1) % config.stats_every == 0
+                logged = _logs_after(step + 1, config) or with_stats  # a metrics row follows this step
                 # The weights before a logged step, for update_telemetry (the step donates them).
-                before = (snapshot(state.params)
-                          if _logs_after(step + 1, config) or with_stats else None)
+                before = snapshot(state.params) if logged else None
                 try:
                     state, stats, ok = step_fn(state, batch, ok)
                 except FloatingPointError as error:
@@ -559,7 +559,7 @@ def _run(config: config_lib.TrainConfig) -> int:
                 step += 1
                 eval_due, ckpt_due = _eval_due(step, config), _checkpoint_due(step, config)
                 watch_skips = config.skip_nonfinite and first_event is None
-                if not (_logs_after(step, config) or with_stats or watch_skips):
+                if not (logged or watch_skips):
                     continue
                 host = jax.device_get([(s, t) for _, s, t in pending])
                 bad = [(k, s) for (k, _, _), (s, _) in zip(pending, host) if not bool(s.finite)]
@@ -592,7 +592,7 @@ def _run(config: config_lib.TrainConfig) -> int:
                     first_event = {"step": failed_step, "nonfinite": quantities,
                                    "cause": payload["verdict"]["cause"]}
                 last, telemetry = host[-1]
-                if _logs_after(step, config) or with_stats:
+                if logged:
                     now = time.perf_counter()
                     images_per_s = (step - interval_step) * config.batch_size / (now - interval_start)
                     row = _metrics_row(step, last, telemetry,

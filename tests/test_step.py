@@ -160,7 +160,7 @@ def test_skip_nonfinite_counts_and_keeps_params_and_batch_stats():
     assert _leaves_equal(before, (state.params, state.batch_stats))
     state, stats = jitted(state, _batch(3))
     assert bool(stats.finite) and int(stats.total_skipped) == 1
-    assert step_lib.tree_all_finite(state.params)
+    assert optim.tree_all_finite(state.params)
 
 
 def test_collect_stats_reports_activation_max_abs():
