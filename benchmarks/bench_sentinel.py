@@ -5,6 +5,8 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_sentinel.py                  # width 0.25, 75x75, batch 8
     .venv/bin/python benchmarks/bench_sentinel.py --rounds 5 --quick   # a smoke check
     .venv/bin/python benchmarks/bench_sentinel.py --out benchmarks/results/bench_sentinel.md
+    .venv/bin/python benchmarks/bench_sentinel.py --rounds 1000 --variants sentinel,"nanlab loop step" \
+        --no-localize                                               # the <= 2% question alone
 
 One invocation builds one InceptionV3 train step (sigmoid BCE, SGD with momentum) and times it
 four ways, interleaved round by round in a shuffled order so a shared machine's load hits each
@@ -18,13 +20,22 @@ alike:
   not donated, as nanlab's loop runs it under --debug-nans.
 - checkify: the plain step under `checkify.checkify(errors=float_checks)`, error fetched each step.
 - nanlab loop step: `nanlab.train.make_loop_step` over `nanlab.step.make_train_step`, exactly what
-  the training loop runs on every step; and "logged": what it runs on the steps it logs (the
+  the training loop runs on every step; and "(logged)": what it runs on the steps it logs (the
   weights copied before the step, `nanlab.step.update_telemetry` after it).
+
+- the sentinel's two parts, each alone: its gate (the update under ``lax.cond`` on the loss's
+  finiteness; no reduction) and its reduction (the gradients' sum of squares and finite flag;
+  the update unconditional, so nothing is kept for a replay).
+- plain (again): a second, separately jitted copy of the plain step: the A/A control. Its
+  ratio to plain is 1 but for noise, so its interval shows what this machine can resolve.
 
 Every variant but jax_debug_nans donates its state, as the loop does.
 
-It prints each variant's median step time and the median of its per-round ratio to plain, then
-the time `nanlab.trace.localize` takes to localize one planted NaN in the same step.
+It prints each variant's median step time, the median of its per-round ratio to plain and a 95%
+percentile-bootstrap interval of that median (resampling rounds), then the time
+`nanlab.trace.localize` takes to localize one planted NaN in the same step. On a shared machine
+the per-round ratios spread by +-5-10%; the interval narrows as 1/sqrt(rounds), so a question
+at the 1% level takes about a thousand rounds (`--variants` keeps such a run short).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import argparse
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import threading
@@ -45,6 +57,7 @@ import numpy as np
 import optax
 from jax.experimental import checkify
 
+from nanlab.compare import bootstrap_ci
 from nanlab.models.inception_v3 import InceptionV3, init_variables
 from nanlab.step import finite_from_sq_norm, tree_sq_norm
 from nanlab.trace import localize
@@ -55,8 +68,13 @@ def bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.sigmoid_binary_cross_entropy(logits, labels)
 
 
-def make_step(model: Any, tx: optax.GradientTransformation, *, sentinel: bool) -> Callable:
-    """A train step `(state, batch) -> (state, metrics)`; state = (params, batch_stats, opt_state)."""
+def make_step(model: Any, tx: optax.GradientTransformation, *, sentinel: bool | str) -> Callable:
+    """A train step `(state, batch) -> (state, metrics)`; state = (params, batch_stats, opt_state).
+
+    `sentinel`: False (plain), True (the sentinel), or one of its two parts alone: "gate" (the
+    update under `lax.cond` on the loss's finiteness, no reduction over the gradients) or
+    "reduction" (the gradients' sum of squares and flag, the update unconditional).
+    """
 
     def step(state, batch):
         params, batch_stats, opt_state = state
@@ -75,6 +93,12 @@ def make_step(model: Any, tx: optax.GradientTransformation, *, sentinel: bool) -
 
         if not sentinel:
             return updated(), {"loss": loss}
+        if sentinel == "gate":
+            finite = jnp.isfinite(loss)
+            return jax.lax.cond(finite, updated, lambda: state), {"loss": loss, "finite": finite}
+        if sentinel == "reduction":
+            grad_sq = tree_sq_norm(grads, nan_if_nonfinite=True)
+            return updated(), {"loss": loss, "finite": finite_from_sq_norm(grad_sq), "grad_norm": jnp.sqrt(grad_sq)}
         # The sentinel, as nanlab.step runs it between logged steps: one float32 sum of squares
         # over the gradients, the finite flag read off it; the update runs under lax.cond, so a
         # non-finite step keeps the input state for an exact replay.
@@ -97,13 +121,12 @@ def build(width: float, size: int, batch: int, seed: int = 0):
     return model, tx, state, (x, y)
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
+VARIANTS = ("plain (again)", "sentinel", "sentinel gate only", "sentinel reduction only", "jax_debug_nans",
+            "checkify float_checks", "nanlab loop step", "nanlab loop step (logged)")
 
 
-def run(width: float, size: int, batch: int, rounds: int, seed: int = 0) -> dict[str, Any]:
+def run(width: float, size: int, batch: int, rounds: int, variants: list[str] | None = None,
+        seed: int = 0) -> dict[str, Any]:
     from nanlab.step import TrainState, make_train_step, update_telemetry
     from nanlab.train import make_loop_step
 
@@ -127,14 +150,22 @@ def run(width: float, size: int, batch: int, rounds: int, seed: int = 0) -> dict
     ok = jnp.bool_(True)
     # Each variant threads its own copy of the state (donation consumes the input buffers).
     states: dict[str, Any] = {}
+    plain_again = jax.jit(make_step(model, tx, sentinel=False), **donated)
+    gate_only = jax.jit(make_step(model, tx, sentinel="gate"), **donated)
+    reduction_only = jax.jit(make_step(model, tx, sentinel="reduction"), **donated)
     steppers: dict[str, Callable[[Any], Any]] = {
         "plain": lambda s: plain(s, data)[0],
+        "plain (again)": lambda s: plain_again(s, data)[0],
         "sentinel": lambda s: guarded(s, data)[0],
+        "sentinel gate only": lambda s: gate_only(s, data)[0],
+        "sentinel reduction only": lambda s: reduction_only(s, data)[0],
         "jax_debug_nans": lambda s: _with_debug_nans(undonated_plain, s, data)[0],
         "checkify float_checks": lambda s: _checkify_step(checked, s, data)[0],
         "nanlab loop step": lambda s: loop_step(s, data, ok)[0],
-        "nanlab loop step, logged": lambda s: _logged_step(loop_step, snapshot, telemetry, s, data, ok),
+        "nanlab loop step (logged)": lambda s: _logged_step(loop_step, snapshot, telemetry, s, data, ok),
     }
+    if variants is not None:
+        steppers = {name: fn for name, fn in steppers.items() if name == "plain" or name in variants}
     for name in steppers:
         fresh = jax.tree.map(jnp.copy, state)
         states[name] = nanlab_state(fresh) if name.startswith("nanlab") else fresh
@@ -154,7 +185,9 @@ def run(width: float, size: int, batch: int, rounds: int, seed: int = 0) -> dict
         rng.shuffle(order)
         for name in order:
             times[name].append(timed_step(name))
-    ratios = {name: statistics.median(t / p for t, p in zip(times[name], times["plain"])) for name in steppers}
+    # (median ratio, 95% low, 95% high) per variant: the rounds resampled, pairs kept together.
+    ratios = {name: bootstrap_ci([t / p for t, p in zip(times[name], times["plain"])], statistic=np.median)
+              for name in steppers}
     medians = {name: statistics.median(times[name]) for name in steppers}
     return {"medians": medians, "ratios": ratios, "rounds": rounds, "model": model, "tx": tx,
             "state": state, "data": data}
@@ -224,14 +257,15 @@ def to_markdown(result: dict[str, Any], args: argparse.Namespace, command: str) 
         f"{jax.default_backend()}; InceptionV3 width {args.width}, {args.image_size}x{args.image_size}, "
         f"batch {args.batch}; {result['rounds']} paired rounds (shuffled order each round).",
         "",
-        "| variant | median step (ms) | median ratio to plain |",
-        "| --- | ---: | ---: |",
+        "| variant | median step (ms) | median ratio to plain | 95% interval |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for name, median in result["medians"].items():
-        lines.append(f"| {name} | {1e3 * median:.1f} | {result['ratios'][name]:.3f} |")
+        ratio, low, high = result["ratios"][name]
+        lines.append(f"| {name} | {1e3 * median:.1f} | {ratio:.3f} | {low:.3f}-{high:.3f} |")
     report = result.get("report")
     if report is None:
-        lines += ["", "Localization: not measured (the run stopped before it).", ""]
+        lines += ["", "Localization: not measured (--no-localize, or the run stopped before it).", ""]
         return "\n".join(lines)
     origin = report.origin
     where = origin.where() if origin else "(none)"
@@ -254,7 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="width 0.125, 5 rounds")
     parser.add_argument("--out", default="", help="write the markdown table here")
+    parser.add_argument("--variants", default="",
+                        help=f"comma-separated subset of: {', '.join(VARIANTS)} (plain always runs)")
+    parser.add_argument("--no-localize", action="store_true", help="time the steps only")
     args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] or None
+    unknown = sorted(set(variants or ()) - set(VARIANTS))
+    if unknown:
+        print(f"bench_sentinel: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}",
+              file=sys.stderr)
+        return 2
     if args.quick:
         args.width, args.rounds = 0.125, min(args.rounds, 5)
     for name in ("width", "image_size", "batch", "rounds"):
@@ -266,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_sentinel: --image-size must be >= 75 (InceptionV3), got {args.image_size}",
               file=sys.stderr)
         return 2
-    result = run(args.width, args.image_size, args.batch, args.rounds)
-    command = "python " + " ".join(["benchmarks/bench_sentinel.py"] + (argv if argv is not None else sys.argv[1:]))
+    result = run(args.width, args.image_size, args.batch, args.rounds, variants)
+    command = "python " + shlex.join(["benchmarks/bench_sentinel.py"] + (argv if argv is not None else sys.argv[1:]))
     write(to_markdown(result, args, command), args.out)  # the step timings survive a slow localization
+    if args.no_localize:
+        return 0
     result.update(time_localize(result["model"], result["tx"], result["state"], result["data"]))
     write(to_markdown(result, args, command), args.out)
     print(result["report"])

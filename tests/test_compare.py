@@ -125,6 +125,16 @@ def test_bootstrap_mean_ci_is_deterministic_and_brackets_the_mean():
         compare.bootstrap_mean_ci([1.0, float("nan")])
 
 
+def test_bootstrap_ci_of_the_median_resists_an_outlier_and_narrows_with_more_samples():
+    rng = np.random.default_rng(2)
+    values = np.append(rng.normal(loc=1.0, scale=0.05, size=200), 50.0)  # one stalled round
+    median, low, high = compare.bootstrap_ci(values, statistic=np.median)
+    assert median == pytest.approx(np.median(values))
+    assert low <= median <= high < 1.05  # the mean's interval would be dragged toward 50
+    assert compare.bootstrap_mean_ci(values)[2] > 1.1
+    few = compare.bootstrap_ci(values[:20], statistic=np.median)
+    assert few[2] - few[1] > high - low
+
 def _cell_run(finite, clip_active=None, val_loss=None, grad_norm=None):
     finite = np.asarray(finite, bool)
     steps, seeds = finite.shape
@@ -247,6 +257,25 @@ def test_one_seed_alone_equals_the_same_seed_inside_the_vmapped_batch(tiny_group
     # the seeds and the chains really differ (the comparison above is not vacuous)
     assert not np.allclose(runs[chains[0]].loss[:, 0], runs[chains[0]].loss[:, 1])
     assert not np.allclose(runs[chains[0]].loss[1:, 1], runs[chains[2]].loss[1:, 1])
+
+
+def test_looped_evaluation_equals_the_vmapped_one(tiny_data):
+    # On CPU the vmapped group evaluates its replicas one after another (lax.map): same sums.
+    problem = _tiny_problem()
+    compiled = compare._compile(problem, True)
+    chain = compare.parse_chain("none")
+    replica = compare.Replica(seed=np.arange(3, dtype=np.int32),
+                              thresholds=np.stack([compare.chain_thresholds(chain, problem.structure)] * 3),
+                              skip=np.zeros(3, bool))
+    state = compiled.init(tiny_data.x_train[:8], replica)
+    mask = np.ones(16, np.float32)
+    mask[-3:] = 0.0
+    args = (state, tiny_data.x_val, tiny_data.y_val, mask)
+    vmapped, looped = compiled.evaluate(*args), compiled.evaluate_looped(*args)
+    assert vmapped["loss_sum"].shape == (3,)
+    np.testing.assert_allclose(looped["loss_sum"], vmapped["loss_sum"], rtol=1e-6)
+    np.testing.assert_array_equal(looped["correct_sum"], vmapped["correct_sum"])
+    assert len(set(np.asarray(looped["loss_sum"]).tolist())) == 3  # three different replicas
 
 
 def test_lab_none_chain_equals_the_train_step_run_by_hand(tiny_alone, tiny_data):
