@@ -6,8 +6,9 @@ the unclipped baseline (`none`) of the same scenario, seed by seed.
 
 All seeds of one (scenario, chain) cell train together in ONE jitted computation: the train step
 is `jax.vmap`-ped over a leading seed axis (parameters initialised per seed by vmapping the init
-over seed keys, a batch per seed, one optimizer state per seed) and `lax.scan`-ned over a chunk
-of steps, so a cell costs one compilation and a few dispatches instead of seeds x steps of them.
+over seed keys, a batch per seed, one optimizer state per seed), so a cell costs one compilation
+and steps dispatches instead of seeds x steps of them (on GPU/TPU a chunk of steps is one
+`lax.scan`, a single dispatch; on a CPU, where XLA runs a loop body slower, one call per step).
 With several devices the seed axis is sharded over them (each device trains whole seeds; no
 collective in the step); when the seed count does not divide the device count the cell runs on
 one device.
@@ -562,12 +563,18 @@ class _Compiled(NamedTuple):
     evaluate_looped: Callable  # vmapped: one replica after another inside one program; else = evaluate
 
 
-@functools.lru_cache(maxsize=8)
 def _compile(problem: Problem, vmapped: bool) -> _Compiled:
     """Jitted init, chunk runner and evaluator, vmapped over a leading replica axis or not.
 
-    Cached per (problem, vmapped): groups with equal problems and shapes reuse the compiled code.
+    Cached per (problem, vmapped, backend): groups with equal problems and shapes reuse the
+    compiled code.
     """
+    return _compile_for(problem, vmapped, scan=jax.default_backend() != "cpu")
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_for(problem: Problem, vmapped: bool, scan: bool) -> _Compiled:
+    """`_compile` with the chunk runner chosen: `scan` True runs a chunk as one `lax.scan`."""
     step = make_replica_step(problem)
     eval_fn = looped_eval_fn = make_eval_fn(problem)
 
@@ -583,16 +590,33 @@ def _compile(problem: Problem, vmapped: bool) -> _Compiled:
         def looped_eval_fn(state, x, y, mask):
             return jax.lax.map(lambda one: one_eval_fn(one, x, y, mask), state)
 
-    def run_chunk(replica, state, x_train, y_train, indices):
-        # indices: (chunk, [replicas,] batch); the gather runs on device, the data stays put.
-        def body(carry, step_indices):
-            return step(replica, carry, x_train[step_indices], y_train[step_indices])
+    def one_step(replica, state, x_train, y_train, step_indices):
+        # step_indices: ([replicas,] batch); the gather runs on device, the data stays put.
+        return step(replica, state, x_train[step_indices], y_train[step_indices])
 
-        return jax.lax.scan(body, state, indices)
+    def scan_chunk(replica, state, x_train, y_train, indices):
+        # indices: (chunk, [replicas,] batch)
+        return jax.lax.scan(lambda carry, idx: one_step(replica, carry, x_train, y_train, idx), state, indices)
+
+    if not scan:
+        # XLA's CPU backend ran the lab step 1.6x slower as a while-loop body (72 ms per step
+        # on the cpu preset) than as its own jitted call (44 ms), so on a CPU a chunk is a
+        # Python loop of asynchronous dispatches (no host sync inside a chunk); elsewhere one
+        # scan per chunk saves the dispatches.
+        jitted_step = jax.jit(one_step, donate_argnums=1)
+
+        def run_chunk(replica, state, x_train, y_train, indices):
+            records = []
+            for step_indices in indices:
+                state, record = jitted_step(replica, state, x_train, y_train, step_indices)
+                records.append(record)
+            return state, jax.tree.map(lambda *fields: jnp.stack(fields), *records)
+    else:
+        run_chunk = jax.jit(scan_chunk, donate_argnums=1)
 
     return _Compiled(
         init=jax.jit(init),
-        run_chunk=jax.jit(run_chunk, donate_argnums=1),
+        run_chunk=run_chunk,
         evaluate=jax.jit(eval_fn),
         evaluate_looped=jax.jit(looped_eval_fn),
     )
@@ -644,7 +668,8 @@ def train_group(
         replica axis when `replica_mesh` allows); False trains them one after another with the
         same, unvmapped step (the baseline of benchmarks/bench_multiseed.py and the reference of
         the equality test).
-      chunk_steps: steps per `lax.scan` call (`on_steps` fires once per chunk).
+      chunk_steps: steps per chunk: one `lax.scan` call, or on a CPU that many step calls
+        (`on_steps` fires once per chunk).
       eval_batch: batch size of the final evaluation.
       on_steps: called with the number of replica-steps just finished (for a progress bar).
       keep_states: copy every replica's final state to the host (`CellRun.final_states`).
@@ -1397,7 +1422,8 @@ def build_parser():
     add("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per seed (default: {DEFAULT_STEPS})")
     add("--workdir", default="runs/compare", help="output folder (default: runs/compare)")
     add("--overwrite", action="store_true", help="replace results already in --workdir (default: off)")
-    add("--chunk-steps", type=int, default=10, help="steps per jitted scan chunk (default: 10)")
+    add("--chunk-steps", type=int, default=10,
+        help="steps per chunk: one jitted scan, or on a CPU as many step calls (default: 10)")
     add("--diagnose", action="store_true",
         help="replay the first non-finite step of each cell's first dead seed through nanlab.trace and "
         "nanlab.diagnose: a 'verdict' per cell (default: off; each replay costs about one compilation "

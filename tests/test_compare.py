@@ -7,9 +7,12 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -436,3 +439,61 @@ def test_cli_refuses_unwritable_folder_and_existing_results(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds results" in err and "--overwrite" in err
     assert (workdir / "results.csv").read_text() == "old"
+
+
+def test_chunk_as_one_scan_equals_chunk_as_step_calls(tiny_data):
+    # GPU/TPU run a chunk as one lax.scan, a CPU as one jitted call per step: same training.
+    problem = _tiny_problem()
+    chain = compare.parse_chain("global_norm:0.05")
+    replica = compare.Replica(seed=np.arange(2, dtype=np.int32),
+                              thresholds=np.stack([compare.chain_thresholds(chain, problem.structure)] * 2),
+                              skip=np.zeros(2, bool))
+    indices = np.stack([compare.batch_indices(48, range(4), 8, seed) for seed in (0, 1)], axis=1)
+    x, y = jnp.asarray(tiny_data.x_train), jnp.asarray(tiny_data.y_train)
+    results = []
+    for scan in (True, False):
+        compiled = compare._compile_for(problem, True, scan)
+        state = compiled.init(tiny_data.x_train[:8], replica)
+        results.append(compiled.run_chunk(replica, state, x, y, indices))
+    (scan_state, scan_record), (loop_state, loop_record) = results
+    assert np.asarray(loop_record.loss).shape == (4, 2)
+    for a, b in zip(scan_record, loop_record):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(scan_state), jax.tree.leaves(loop_state)):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
+    assert np.asarray(loop_record.clip_active).any()  # the clip really acted
+
+
+_SHARDED_SCRIPT = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import jax
+from tests import test_compare as t
+from nanlab import compare
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
+y = (x[..., 0].mean(axis=(1, 2)) > 0).astype(np.float32)[:, None]
+data = compare.CellData(x[:48], y[:48], x[48:], y[48:], num_eval_train=16)
+chain = compare.parse_chain("global_norm:0.05")
+problem = t._tiny_problem()
+assert compare.replica_mesh(4) is not None
+sharded = compare.train_group(problem, data, [chain], [0, 1, 2, 3], 4, chunk_steps=2)[chain]
+alone = compare.train_group(problem, data, [chain], [0, 1, 2, 3], 4, vmapped=False, chunk_steps=2)[chain]
+print(json.dumps({"devices": jax.device_count(),
+                  "loss": float(np.abs(sharded.loss - alone.loss).max() / np.abs(alone.loss).max()),
+                  "val": float(np.abs(sharded.final_val_loss - alone.final_val_loss).max()),
+                  "spread": float(np.ptp(alone.loss[-1]))}))
+"""
+
+
+def test_replicas_sharded_over_four_simulated_devices_train_as_they_do_alone():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, root], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    assert out["loss"] < 1e-5 and out["val"] < 1e-4
+    assert out["spread"] > 1e-3  # four different seeds, not one seed four times
