@@ -391,6 +391,17 @@ def replica_train_step(problem: Problem, thresholds: jax.Array) -> Callable:
     )
 
 
+def replicas_of(problem: Problem, pairs: Sequence[tuple[Chain, int]]) -> Replica:
+    """The stacked `Replica` of (chain, seed) pairs, leading axis = the pairs in order."""
+    return Replica(
+        seed=np.asarray([seed for _, seed in pairs], np.int32),
+        thresholds=np.stack([chain_thresholds(chain, problem.structure) for chain, _ in pairs]).reshape(
+            len(pairs), len(problem.structure)
+        ),
+        skip=np.asarray([chain.skip_nonfinite for chain, _ in pairs]),
+    )
+
+
 def make_replica_step(problem: Problem) -> Callable[[Replica, SeedState, jax.Array, jax.Array], tuple]:
     """Builds the pure lab step `step(replica, state, xb, yb) -> (state, StepRecord)`.
 
@@ -576,19 +587,17 @@ def _compile(problem: Problem, vmapped: bool) -> _Compiled:
 def _compile_for(problem: Problem, vmapped: bool, scan: bool) -> _Compiled:
     """`_compile` with the chunk runner chosen: `scan` True runs a chunk as one `lax.scan`."""
     step = make_replica_step(problem)
-    eval_fn = looped_eval_fn = make_eval_fn(problem)
+    eval_fn = make_eval_fn(problem)
 
     def init(sample_x, replica):
         return init_replica(problem, sample_x, replica)
 
+    evaluate = evaluate_looped = jax.jit(eval_fn)
     if vmapped:
         step = jax.vmap(step, in_axes=(0, 0, 0, 0))
-        one_eval_fn = eval_fn
-        eval_fn = jax.vmap(one_eval_fn, in_axes=(0, None, None, None))
         init = jax.vmap(init, in_axes=(None, 0))
-
-        def looped_eval_fn(state, x, y, mask):
-            return jax.lax.map(lambda one: one_eval_fn(one, x, y, mask), state)
+        evaluate = jax.jit(jax.vmap(eval_fn, in_axes=(0, None, None, None)))
+        evaluate_looped = jax.jit(lambda state, x, y, mask: jax.lax.map(lambda one: eval_fn(one, x, y, mask), state))
 
     def one_step(replica, state, x_train, y_train, step_indices):
         # step_indices: ([replicas,] batch); the gather runs on device, the data stays put.
@@ -617,8 +626,8 @@ def _compile_for(problem: Problem, vmapped: bool, scan: bool) -> _Compiled:
     return _Compiled(
         init=jax.jit(init),
         run_chunk=run_chunk,
-        evaluate=jax.jit(eval_fn),
-        evaluate_looped=jax.jit(looped_eval_fn),
+        evaluate=evaluate,
+        evaluate_looped=evaluate_looped,
     )
 
 
@@ -693,17 +702,8 @@ def train_group(
     seed_batches = {s: batch_indices(data.x_train.shape[0], range(steps), problem.batch_size, s) for s in seeds}
     pairs = [(chain, seed) for chain in chains for seed in seeds]
 
-    def replicas_of(group):
-        return Replica(
-            seed=np.asarray([seed for _, seed in group], np.int32),
-            thresholds=np.stack([chain_thresholds(chain, problem.structure) for chain, _ in group]).reshape(
-                len(group), len(problem.structure)
-            ),
-            skip=np.asarray([chain.skip_nonfinite for chain, _ in group]),
-        )
-
     def run(group):
-        replica = replicas_of(group)
+        replica = replicas_of(problem, group)
         indices = np.stack([seed_batches[seed] for _, seed in group], axis=1)  # (steps, R, batch)
         if not vmapped:
             replica = jax.tree.map(lambda a: a[0], replica)

@@ -138,6 +138,7 @@ def test_bootstrap_ci_of_the_median_resists_an_outlier_and_narrows_with_more_sam
     few = compare.bootstrap_ci(values[:20], statistic=np.median)
     assert few[2] - few[1] > high - low
 
+
 def _cell_run(finite, clip_active=None, val_loss=None, grad_norm=None):
     finite = np.asarray(finite, bool)
     steps, seeds = finite.shape
@@ -219,12 +220,16 @@ class TinyNet(nn.Module):
         return nn.Dense(1)(x)
 
 
-@pytest.fixture(scope="module")
-def tiny_data():
+def _tiny_cell_data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
     y = (x[..., 0].mean(axis=(1, 2)) > 0).astype(np.float32)[:, None]
     return compare.CellData(x[:48], y[:48], x[48:], y[48:], num_eval_train=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return _tiny_cell_data()
 
 
 def _tiny_problem(lr=0.1, optimizer="sgd"):
@@ -266,11 +271,7 @@ def test_looped_evaluation_equals_the_vmapped_one(tiny_data):
     # On CPU the vmapped group evaluates its replicas one after another (lax.map): same sums.
     problem = _tiny_problem()
     compiled = compare._compile(problem, True)
-    chain = compare.parse_chain("none")
-    replica = compare.Replica(seed=np.arange(3, dtype=np.int32),
-                              thresholds=np.stack([compare.chain_thresholds(chain, problem.structure)] * 3),
-                              skip=np.zeros(3, bool))
-    state = compiled.init(tiny_data.x_train[:8], replica)
+    state = compiled.init(tiny_data.x_train[:8], compare.replicas_of(problem, [(compare.parse_chain("none"), s) for s in range(3)]))
     mask = np.ones(16, np.float32)
     mask[-3:] = 0.0
     args = (state, tiny_data.x_val, tiny_data.y_val, mask)
@@ -444,10 +445,7 @@ def test_cli_refuses_unwritable_folder_and_existing_results(tmp_path, capsys):
 def test_chunk_as_one_scan_equals_chunk_as_step_calls(tiny_data):
     # GPU/TPU run a chunk as one lax.scan, a CPU as one jitted call per step: same training.
     problem = _tiny_problem()
-    chain = compare.parse_chain("global_norm:0.05")
-    replica = compare.Replica(seed=np.arange(2, dtype=np.int32),
-                              thresholds=np.stack([compare.chain_thresholds(chain, problem.structure)] * 2),
-                              skip=np.zeros(2, bool))
+    replica = compare.replicas_of(problem, [(compare.parse_chain("global_norm:0.05"), s) for s in (0, 1)])
     indices = np.stack([compare.batch_indices(48, range(4), 8, seed) for seed in (0, 1)], axis=1)
     x, y = jnp.asarray(tiny_data.x_train), jnp.asarray(tiny_data.y_train)
     results = []
@@ -471,10 +469,7 @@ sys.path.insert(0, sys.argv[1])
 import jax
 from tests import test_compare as t
 from nanlab import compare
-rng = np.random.default_rng(0)
-x = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
-y = (x[..., 0].mean(axis=(1, 2)) > 0).astype(np.float32)[:, None]
-data = compare.CellData(x[:48], y[:48], x[48:], y[48:], num_eval_train=16)
+data = t._tiny_cell_data()
 chain = compare.parse_chain("global_norm:0.05")
 problem = t._tiny_problem()
 assert compare.replica_mesh(4) is not None
