@@ -98,16 +98,16 @@ def make_step(model: Any, tx: optax.GradientTransformation, *, sentinel: bool | 
         if sentinel == "gate":
             finite = jnp.isfinite(loss)
             return jax.lax.cond(finite, updated, lambda: state), {"loss": loss, "finite": finite}
-        if sentinel == "reduction":
-            grad_sq = tree_sq_norm(grads, nan_if_nonfinite=True)
-            return updated(), {"loss": loss, "finite": finite_from_sq_norm(grad_sq), "grad_norm": jnp.sqrt(grad_sq)}
-        # The sentinel, as nanlab.step runs it between logged steps: one float32 sum of squares
-        # over the gradients, the finite flag read off it; the update runs under lax.cond, so a
-        # non-finite step keeps the input state for an exact replay.
+        # The sentinel's reduction, as nanlab.step runs it between logged steps: one float32 sum
+        # of squares over the gradients, the finite flag read off it.
         grad_sq = tree_sq_norm(grads, nan_if_nonfinite=True)
         finite = jnp.isfinite(loss) & finite_from_sq_norm(grad_sq)
-        new_state = jax.lax.cond(finite, updated, lambda: state)
-        return new_state, {"loss": loss, "finite": finite, "grad_norm": jnp.sqrt(grad_sq)}
+        metrics = {"loss": loss, "finite": finite, "grad_norm": jnp.sqrt(grad_sq)}
+        if sentinel == "reduction":
+            return updated(), metrics
+        # The whole sentinel adds the gate: the update under lax.cond on that flag, so a
+        # non-finite step keeps the input state for an exact replay.
+        return jax.lax.cond(finite, updated, lambda: state), metrics
 
     return step
 

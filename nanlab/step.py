@@ -6,9 +6,9 @@ StepStats)``; the caller jits it with ``donate_argnums=0``.
 The sentinel, every step: one float32 sum of squares over the gradients, which is also the global
 and per-module gradient norm; the loss's and the gradients' finite flags are read off it. The
 update then runs under ``lax.cond`` on that flag, so a healthy step updates the donated buffers
-in place, as a plain step does. On a 2-core CPU that adds +0.8-1.2% to the cpu preset's step
-(batch 32) and is within noise at full size. Its fixed ~1 ms (one read of the gradients and the
-gate's barrier) is +2-3% of the shortest step benchmarked, batch 8 at ~42 ms
+in place, as a plain step does. On a 2-core CPU the step then takes 1.008-1.012x a plain step's
+time on the cpu preset (batch 32) and 0.997-1.013x at full size. Its fixed ~1 ms (one read of the
+gradients and the gate's barrier) is +2-3% of the shortest step benchmarked, batch 8 at ~42 ms
 (benchmarks/results/bench_sentinel.md).
 
 `update_telemetry(params_before, params_after)` measures what the step did to the weights: the
