@@ -2,8 +2,9 @@
 
 `localize(fn, *args)` traces `fn` to a jaxpr, then evaluates that jaxpr eagerly, one equation at a
 time (each primitive's own `bind`), checking every floating output for NaN and Inf. It descends into
-jit/pjit, custom_jvp, custom_vjp, remat/checkpoint, cond (the branch taken), scan and while loops (the
-iteration is named). When `fn` takes a gradient inside (a train step), the transposed equations of the
+jit, eval_jaxpr (closed_call before jax 0.11.2), custom_jvp, custom_vjp, remat/checkpoint, cond (the
+branch taken), scan and while loops (the iteration is named). The JAX internals it reads are all in
+`nanlab/trace/_jax.py`, which handles jax 0.10.2 through 0.12.x. When `fn` takes a gradient inside (a train step), the transposed equations of the
 backward pass are part of the same jaxpr and are replayed too.
 
 Vocabulary of a `Report` (and of `Report.to_dict()`, JSON; other tools read these keys):
@@ -38,7 +39,6 @@ events, is not reported (intentional -inf attention masks).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+
+from nanlab.trace import _jax
 
 # The cause vocabulary: one word per way a non-finite value is born, with the explanation the report prints.
 CAUSES: dict[str, str] = {
@@ -353,32 +355,24 @@ def classify(primitive: str, inputs: Sequence[dict[str, Any]], output: dict[str,
 
 # --------------------------------------------------------------------------------------- static analysis
 
-def _stack_elements(source_info: Any) -> tuple[Any, ...]:
-    name_stack = getattr(source_info, "name_stack", None)
-    return tuple(getattr(name_stack, "stack", ()))
+_stack_elements = _jax.name_stack_elements
 
 
 def _transforms(elements: Sequence[Any]) -> set[str]:
-    return {e.name for e in elements if type(e).__name__ == "Transform"}
+    return {e.name for e in elements if _jax.is_transform(e)}
 
 
 def _module_path(elements: Sequence[Any]) -> str:
-    scopes = [e.name for e in elements if type(e).__name__ == "Scope" and e.name not in _NON_MODULE_SCOPES]
+    scopes = [e.name for e in elements if _jax.is_scope(e) and e.name not in _NON_MODULE_SCOPES]
     return "/".join(scopes)
 
 
 def _user_frames(source_info: Any) -> tuple[tuple[str, int, str], ...]:
     """(file, line, function) of the frames outside jax, numpy and installed libraries, innermost first."""
-    traceback = getattr(source_info, "traceback", None)
-    if traceback is None:
-        return ()
-    frames = []
-    for frame in traceback.frames:
-        path = frame.file_name
-        if any(d in path for d in _LIBRARY_DIRS) or path.startswith("<frozen"):
-            continue
-        frames.append((path, frame.line_num, frame.function_name))
-    return tuple(frames)
+    return tuple(
+        (path, line, function) for path, line, function in _jax.traceback_frames(source_info)
+        if not (any(d in path for d in _LIBRARY_DIRS) or path.startswith("<frozen"))
+    )
 
 
 def _format_frame(frame: tuple[str, int, str] | None) -> str:
@@ -390,28 +384,6 @@ def _format_frame(frame: tuple[str, int, str] | None) -> str:
     except ValueError:  # another drive on Windows
         pass
     return f"{path}:{line} ({function})"
-
-
-def _sub_jaxpr(params: dict[str, Any], *names: str) -> tuple[jcore.Jaxpr, list[Any]] | None:
-    for name in names:
-        j = params.get(name)
-        if isinstance(j, jcore.ClosedJaxpr):
-            return j.jaxpr, list(j.consts)
-        if isinstance(j, jcore.Jaxpr):
-            return j, []
-    return None
-
-
-def _as_closed(j: Any) -> tuple[jcore.Jaxpr, list[Any]]:
-    return (j.jaxpr, list(j.consts)) if isinstance(j, jcore.ClosedJaxpr) else (j, [])
-
-
-_CALL_PRIMITIVES = {
-    "pjit": ("jaxpr",), "jit": ("jaxpr",), "closed_call": ("call_jaxpr",), "core_call": ("call_jaxpr",),
-    "custom_jvp_call": ("call_jaxpr",), "custom_vjp_call": ("call_jaxpr", "fun_jaxpr"),
-    "custom_vjp_call_jaxpr": ("fun_jaxpr", "call_jaxpr"), "remat": ("jaxpr",), "remat2": ("jaxpr",),
-    "checkpoint": ("jaxpr",),
-}
 
 
 def _inner_live(jaxpr: jcore.Jaxpr, out_live: Sequence[bool], in_transpose: bool) -> list[tuple[bool, ...]]:
@@ -486,7 +458,6 @@ class _Record:
     const: bool  # all operands are constants: folded, never an event
 
 
-_CONTROL_FLOW = frozenset({"cond", "scan", "while"})
 # After an event that needed operand values, equations keep running eagerly until this many in a
 # row record nothing new; then compiled segments resume.
 _EAGER_WINDOW = 4
@@ -497,12 +468,11 @@ def _leaf_count(jaxpr_ref: Any) -> int | None:
     """Leaf equations under a jaxpr with calls inlined; None if it holds control flow or unknown calls."""
     total = 0
     for eqn in jaxpr_ref().eqns:
-        name = eqn.primitive.name
-        if name in _CONTROL_FLOW:
+        if eqn.primitive.name in _jax.CONTROL_FLOW:
             return None
-        if name in _CALL_PRIMITIVES and _sub_jaxpr(eqn.params, *_CALL_PRIMITIVES[name]) is not None:
-            sub, _ = _sub_jaxpr(eqn.params, *_CALL_PRIMITIVES[name])
-            inner = _leaf_count(_JaxprKey(sub))
+        body = _jax.call_body(eqn)
+        if body is not None:
+            inner = _leaf_count(_JaxprKey(body[0]))
             if inner is None:
                 return None
             total += inner
@@ -514,11 +484,11 @@ def _leaf_count(jaxpr_ref: Any) -> int | None:
 
 
 def _eqn_leaves(eqn: Any) -> int | None:
-    name = eqn.primitive.name
-    if name in _CONTROL_FLOW:
+    if eqn.primitive.name in _jax.CONTROL_FLOW:
         return None
-    if name in _CALL_PRIMITIVES and _sub_jaxpr(eqn.params, *_CALL_PRIMITIVES[name]) is not None:
-        return _leaf_count(_JaxprKey(_sub_jaxpr(eqn.params, *_CALL_PRIMITIVES[name])[0]))
+    body = _jax.call_body(eqn)
+    if body is not None:
+        return _leaf_count(_JaxprKey(body[0]))
     return None if any(True for _ in jcore.jaxprs_in_params(eqn.params)) else 1
 
 
@@ -773,19 +743,20 @@ class _Interpreter:
         inner = _Context(elements, phase if phase != "forward" else "", ctx.iterations, frames)
         name = eqn.primitive.name
         params = eqn.params
-        if name in _CALL_PRIMITIVES and _sub_jaxpr(params, *_CALL_PRIMITIVES[name]) is not None:
-            sub, consts = _sub_jaxpr(params, *_CALL_PRIMITIVES[name])
+        body = _jax.call_body(eqn)
+        if body is not None:
+            sub, consts = body
             n = len(sub.invars)
             return self.run(sub, consts, invals[len(invals) - n:], inner, list(out_live))
-        if name == "cond":
+        if name == _jax.COND:
             index = int(np.asarray(invals[0].value))
             branches = params["branches"]
             index = min(max(index, 0), len(branches) - 1)  # lax.cond clamps the index the same way
-            sub, consts = _as_closed(branches[index])
+            sub, consts = _jax.open_jaxpr(branches[index])
             return self.run(sub, consts, invals[1:], inner, list(out_live))
-        if name == "scan":
+        if name == _jax.SCAN:
             return self._scan(eqn, invals, inner, out_live)
-        if name == "while":
+        if name == _jax.WHILE:
             return self._while(eqn, invals, inner, live)
         if self.tracing is not None:
             return self._trace_leaf(eqn, invals, ctx, elements, phase, frames, grad_in)
@@ -794,7 +765,7 @@ class _Interpreter:
     def _trace_leaf(self, eqn: Any, invals: list[_Value], ctx: _Context, elements: tuple[Any, ...],
                     phase: str, frames: tuple, grad_in: bool) -> list[_Value]:
         """While tracing a segment: bind, and record the output's finite and NaN flags as extra results."""
-        outs = self._bind(eqn, [a.value for a in invals])
+        outs = _jax.bind(eqn, [a.value for a in invals])
         grad_out = grad_in or phase in ("backward", "update")
         const = all(a.const for a in invals)
         values, n_flags, float_slots = [], 0, []
@@ -813,20 +784,11 @@ class _Interpreter:
             const=const))
         return values
 
-    @staticmethod
-    def _bind(eqn: Any, values: list[Any]) -> list[Any]:
-        bound = eqn.primitive.get_bind_params(eqn.params)
-        # jax >= 0.10 returns the params; older versions returned (subfuns, params).
-        subfuns, bind_params = bound if isinstance(bound, tuple) else ((), bound)
-        manager = getattr(getattr(eqn, "ctx", None), "manager", None)
-        with manager if manager is not None else contextlib.nullcontext():
-            raw = eqn.primitive.bind(*subfuns, *values, **bind_params)
-        return list(raw) if eqn.primitive.multiple_results else [raw]
-
     def _scan(self, eqn: Any, invals: list[_Value], ctx: _Context, out_live: tuple[bool, ...]) -> list[_Value]:
         p = eqn.params
-        body, consts = _as_closed(p["jaxpr"])
-        n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
+        body, consts = _jax.open_jaxpr(p["jaxpr"])
+        n_consts, n_carry = _jax.scan_counts(p)
+        length = p["length"]
         const_vals = invals[:n_consts]
         carry = invals[n_consts:n_consts + n_carry]
         xs = invals[n_consts + n_carry:]
@@ -856,8 +818,8 @@ class _Interpreter:
 
     def _while(self, eqn: Any, invals: list[_Value], ctx: _Context, live: bool) -> list[_Value]:
         p = eqn.params
-        cond, cond_consts = _as_closed(p["cond_jaxpr"])
-        body, body_consts = _as_closed(p["body_jaxpr"])
+        cond, cond_consts = _jax.open_jaxpr(p["cond_jaxpr"])
+        body, body_consts = _jax.open_jaxpr(p["body_jaxpr"])
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
         cvals, bvals, carry = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
         i = 0
@@ -872,7 +834,7 @@ class _Interpreter:
     def _leaf(self, eqn: Any, invals: list[_Value], ctx: _Context, elements: tuple[Any, ...], phase: str,
               frames: tuple, grad_in: bool) -> list[_Value]:
         self.counter += 1
-        outs = self._bind(eqn, [a.value for a in invals])
+        outs = _jax.bind(eqn, [a.value for a in invals])
         module = _module_path(elements)
         grad_out = grad_in or phase in ("backward", "update")
         if all(a.const for a in invals):
@@ -1039,10 +1001,10 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
     predicate = _allow_predicate(allow)
     start = time.perf_counter()
     target = functools.partial(fn, **kwargs) if kwargs else fn
-    closed = jax.make_jaxpr(target)(*args)
+    jaxpr, consts = _jax.open_jaxpr(jax.make_jaxpr(target)(*args))
     leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(args)
     if segment_size == "auto":
-        leaves, unique = _signature_counts(closed.jaxpr)
+        leaves, unique = _signature_counts(jaxpr)
         segment_size = 0 if unique < _AUTO_UNIQUE_FRACTION * leaves else _AUTO_SEGMENT_SIZE
     interp = _Interpreter(predicate, max_events, segment_size)
     inputs: list[_Value] = []
@@ -1058,8 +1020,7 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
         inputs.append(_Value(leaf, frozenset({key}), False))
     try:
         with jax.debug_nans(False), jax.debug_infs(False):  # we want the values, not an exception
-            outs = interp.run(closed.jaxpr, closed.consts, inputs, _Context(),
-                              [True] * len(closed.jaxpr.outvars))
+            outs = interp.run(jaxpr, consts, inputs, _Context(), [True] * len(jaxpr.outvars))
     finally:
         for cache in (_cached_live, _leaf_count, _segments):
             cache.cache_clear()  # the keys hold this function's jaxprs alive

@@ -1,0 +1,99 @@
+"""The localizer's JAX adapter: every jaxpr internal that `nanlab.trace` reads, in one place.
+
+nanlab supports jax 0.10.2 through 0.12.x, and JAX changed three of the internals the replay needs
+in that range (../shared/notes/jax-internals.md has the commits):
+
+- 0.11.0 merged `ClosedJaxpr` into `Jaxpr`: a jaxpr carries its own `consts`, `ClosedJaxpr` is only
+  an alias and `.jaxpr` a legacy accessor slated for removal. `open_jaxpr` reads both shapes
+  without touching either name on the newer side.
+- 0.11.0 replaced scan's `num_consts`/`num_carry` params by flat trees `ft_in` (consts, carry, xs)
+  and `ft_out` (carry, ys). `scan_counts` reads whichever the running JAX wrote.
+- 0.11.2 removed `closed_call`: those equations are now `eval_jaxpr` (param `call_jaxpr`). The call
+  table is built from `jax.extend.core.primitives`, so it holds the running JAX's names.
+
+Everything else used here (`Var`, `Literal`, `DropVar`, `jaxprs_in_params`, the name stack, the
+traceback frames, `get_bind_params`/`bind`) is unchanged across the range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jax.extend import core as jcore
+from jax.extend.core import primitives as _prims
+
+# Call-like primitives whose body the replay enters, each with the param that holds the body.
+CALL_BODIES: dict[str, str] = {
+    _prims.jit_p.name: "jaxpr",
+    # 'closed_call' up to jax 0.11.1, 'eval_jaxpr' since 0.11.2 (scan under remat + grad makes one).
+    _prims.closed_call_p.name: "call_jaxpr",
+    _prims.custom_jvp_call_p.name: "call_jaxpr",
+    _prims.custom_vjp_call_p.name: "call_jaxpr",
+    _prims.remat_p.name: "jaxpr",
+}
+COND = _prims.cond_p.name
+SCAN = _prims.scan_p.name
+WHILE = _prims.while_p.name
+CONTROL_FLOW = frozenset({COND, SCAN, WHILE})
+
+
+def is_jaxpr(x: Any) -> bool:
+    """True for a jaxpr in either shape: `Jaxpr`, or (jax < 0.11) a `ClosedJaxpr` wrapping one."""
+    return isinstance(x, jcore.Jaxpr) or isinstance(getattr(x, "jaxpr", None), jcore.Jaxpr)
+
+
+def open_jaxpr(x: Any) -> tuple[jcore.Jaxpr, list[Any]]:
+    """(the jaxpr whose `eqns`/`invars`/`constvars` to walk, the values of its constvars)."""
+    # Since 0.11 a Jaxpr holds its consts itself; before, a ClosedJaxpr held (jaxpr, consts).
+    inner = x if isinstance(x, jcore.Jaxpr) else x.jaxpr
+    return inner, list(getattr(x, "consts", ()))
+
+
+def call_body(eqn: Any) -> tuple[jcore.Jaxpr, list[Any]] | None:
+    """The body of a call-like equation (jit, eval_jaxpr, custom_jvp/vjp, remat); None otherwise."""
+    param = CALL_BODIES.get(eqn.primitive.name)
+    body = eqn.params.get(param) if param else None
+    return open_jaxpr(body) if body is not None and is_jaxpr(body) else None
+
+
+def scan_counts(params: Mapping[str, Any]) -> tuple[int, int]:
+    """(number of consts, number of carries) among a scan equation's operands."""
+    if "ft_in" in params:
+        # jax >= 0.11: a flat tree of three parts (consts, carry, xs); each part's leaves are operands.
+        consts, carry, _ = params["ft_in"].unpack()
+        return len(tuple(consts.vals)), len(tuple(carry.vals))
+    return params["num_consts"], params["num_carry"]
+
+
+def name_stack_elements(source_info: Any) -> tuple[Any, ...]:
+    """The equation's name stack, outermost first: Scope (module names) and Transform (jvp, transpose)."""
+    name_stack = getattr(source_info, "name_stack", None)
+    return tuple(getattr(name_stack, "stack", ()))
+
+
+def is_scope(element: Any) -> bool:
+    # jax.extend exports NameStack but not its element classes; they are matched by name.
+    return type(element).__name__ == "Scope"
+
+
+def is_transform(element: Any) -> bool:
+    return type(element).__name__ == "Transform"
+
+
+def traceback_frames(source_info: Any) -> list[tuple[str, int, str]]:
+    """(file, line, function) of the frames that created the equation, innermost first."""
+    traceback = getattr(source_info, "traceback", None)
+    if traceback is None:
+        return []
+    return [(f.file_name, f.line_num, f.function_name) for f in traceback.frames]
+
+
+def bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
+    """Apply an equation's primitive to concrete (or traced) values, in the equation's own context."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    with manager if manager is not None else contextlib.nullcontext():
+        raw = eqn.primitive.bind(*values, **params)
+    return list(raw) if eqn.primitive.multiple_results else [raw]
