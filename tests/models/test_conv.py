@@ -119,7 +119,7 @@ def test_auto_is_fast_on_cpu_and_xla_elsewhere(monkeypatch):
 
 
 def _primitives(fn, *args):
-    return {str(eqn.primitive) for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+    return {str(eqn.primitive) for eqn in jax.make_jaxpr(fn)(*args).eqns}
 
 
 def test_auto_runs_the_fast_formulations_on_cpu():

@@ -232,7 +232,7 @@ def test_bf16_compute_keeps_float32_params_and_float32_logits():
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
     conv_dtypes = {
         eqn.outvars[0].aval.dtype
-        for eqn in _all_eqns(jaxpr.jaxpr)
+        for eqn in _all_eqns(jaxpr)
         if eqn.primitive.name == "conv_general_dilated"
     }
     assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
@@ -320,9 +320,9 @@ def test_stats_cost_nothing_unless_asked(relu_run):
     model, variables, x, _, _ = relu_run
     # Without a mutable 'stats' nothing is sown: the jaxpr holds no is_finite at all.
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    assert not any(e.primitive.name == "is_finite" for e in _all_eqns(jaxpr.jaxpr))
+    assert not any(e.primitive.name == "is_finite" for e in _all_eqns(jaxpr))
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False, mutable=["stats"]))(variables, x)
-    assert any(e.primitive.name == "is_finite" for e in _all_eqns(jaxpr.jaxpr))
+    assert any(e.primitive.name == "is_finite" for e in _all_eqns(jaxpr))
 
 
 def test_dropout_acts_in_training_only():
@@ -361,7 +361,7 @@ def test_aux_logits_returned_in_training_only():
 def test_name_stack_names_blocks(relu_run):
     model, variables, x, _, _ = relu_run
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    stacks = {str(eqn.source_info.name_stack) for eqn in _all_eqns(jaxpr.jaxpr)}
+    stacks = {str(eqn.source_info.name_stack) for eqn in _all_eqns(jaxpr)}
     assert any(s.startswith("InceptionV3/Mixed_5b/Branch_1_Conv2d_0b_5x5/") for s in stacks)
     assert any(s.startswith("InceptionV3/Logits/") for s in stacks)
 
