@@ -3,6 +3,12 @@
 Orbax writes each checkpoint into a temporary directory and renames it into place once complete,
 so a process killed mid-save (even by SIGKILL) leaves the previous checkpoints intact; the torn
 temporary directory is ignored by `latest_step` and deleted when the manager next opens.
+
+Restoring checks the checkpoint's own metadata against the run's state before reading any array,
+so a checkpoint of another configuration is named in the user's terms (which array, which shape)
+rather than in orbax's. A checkpoint whose files were damaged afterwards (truncated, deleted,
+overwritten) is `CorruptCheckpoint`; `restore_newest_intact` then falls back to the newest one
+that reads back whole and says which it skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +24,18 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written (non-finite state) or restored (corrupt, mismatched)."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint written by a run of another configuration (other shapes or arrays)."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose files are missing, truncated or unreadable; `damage` says which in a phrase."""
+
+    def __init__(self, step: int, directory: Path, error: BaseException | str):
+        self.damage = error if isinstance(error, str) else _damage(error)
+        super().__init__(f"checkpoint {step} in {directory} is corrupt: {self.damage}")
 
 
 def nonfinite_leaves(state: Any) -> list[str]:
@@ -58,7 +76,9 @@ class Checkpointer:
             # A save torn by a kill leaves a tmp directory; remove it when the manager reopens.
             cleanup_tmp_directories=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # The handler lets the manager read a checkpoint's metadata (shapes, dtypes) without its arrays.
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None when there is none."""
@@ -94,22 +114,73 @@ class Checkpointer:
           (step, restored state).
 
         Raises:
-          CheckpointError: no checkpoint, or one that is corrupt or does not match `target`.
+          CheckpointMismatch: the checkpoint holds other arrays or shapes than `target`.
+          CorruptCheckpoint: its files are missing, truncated or unreadable.
+          CheckpointError: there is no checkpoint.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
+        self._check_metadata(step, target)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except Exception as error:  # orbax raises many types (ValueError, KeyError, OSError, ...)
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            first_line = first_line.rstrip(":")  # orbax lists the details on the following lines
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} is corrupt or does not match this run: {first_line}"
-            ) from None
-        _check_matches(target, restored, self.directory / str(step))
+        except Exception as error:  # orbax and TensorStore raise many types (ValueError, OSError, ...)
+            raise CorruptCheckpoint(step, self.directory, error) from None
+        _check_matches(target, restored, step)
         return step, restored
+
+    def restore_newest_intact(self, target: Any) -> tuple[int, Any, list[str]]:
+        """Restore the newest checkpoint that reads back whole, skipping corrupt newer ones.
+
+        Returns:
+          (step, restored state, one line per skipped checkpoint: `checkpoint N: why`).
+
+        Raises:
+          CheckpointMismatch: the newest readable checkpoint belongs to another configuration (an
+            older one would too: a run's configuration is fixed).
+          CheckpointError: no checkpoint at all, or every one is corrupt (the message says why).
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
+        skipped: list[str] = []
+        for step in reversed(steps):
+            try:
+                _, state = self.restore(target, step)
+            except CorruptCheckpoint as error:
+                skipped.append(f"checkpoint {step}: {error.damage}")
+                continue
+            return step, state, skipped
+        raise CheckpointError(f"no intact checkpoint in {self.directory} ({'; '.join(skipped)})")
+
+    def _check_metadata(self, step: int, target: Any) -> None:
+        """Compare the checkpoint's recorded arrays with `target` before reading any of them."""
+        try:
+            metadata = self._manager.item_metadata(step)
+        except Exception as error:  # the metadata files themselves are damaged
+            raise CorruptCheckpoint(step, self.directory, error) from None
+        saved = ocp.tree.to_flat_dict(getattr(metadata, "tree", metadata) or {})
+        wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
+        saved = {k: v for k, v in saved.items() if v is not None}
+        wanted = {k: v for k, v in wanted.items() if v is not None}
+        if not saved:
+            raise CorruptCheckpoint(step, self.directory, "its metadata lists no arrays")
+        # The parameters first: a differing kernel names the configuration change most plainly.
+        for key in sorted(set(saved) | set(wanted), key=lambda k: (k[0] != "params", k)):
+            name = "/".join(str(part) for part in key)
+            if key not in wanted:
+                raise CheckpointMismatch(f"checkpoint {step} does not match this run: it holds {name}, which this "
+                                         "run does not have (written by a run of another configuration)")
+            if key not in saved:
+                raise CheckpointMismatch(f"checkpoint {step} does not match this run: it lacks {name}, which this "
+                                         "run has (written by a run of another configuration)")
+            got, want = saved[key], wanted[key]
+            got_desc, want_desc = _describe(got), _describe(want)
+            if got_desc != want_desc:
+                raise CheckpointMismatch(f"checkpoint {step} does not match this run: it holds {name} as "
+                                         f"{got_desc}, this run has {want_desc} (written by a run of another "
+                                         "configuration)")
 
     def close(self) -> None:
         """Wait for pending writes and release the manager."""
@@ -117,19 +188,30 @@ class Checkpointer:
         self._manager.close()
 
 
-def _check_matches(target: Any, restored: Any, where: Path) -> None:
-    """Raise CheckpointError when `restored` differs from `target` in structure, shape or dtype."""
+def _describe(array: Any) -> str:
+    """dtype[shape] of an array, a ShapeDtypeStruct or orbax's ArrayMetadata."""
+    return f"{np.dtype(array.dtype)}{list(array.shape)}"
+
+
+def _damage(error: BaseException) -> str:
+    """What is wrong with a checkpoint's files, in one short phrase (not the storage layer's text)."""
+    text = str(error)
+    if isinstance(error, FileNotFoundError) or "NOT_FOUND" in text or "not found" in text.lower():
+        return "a file is missing"
+    return f"a file is truncated or unreadable ({type(error).__name__})"
+
+
+def _check_matches(target: Any, restored: Any, step: int) -> None:
+    """Raise CheckpointMismatch when `restored` differs from `target` in structure, shape or dtype."""
     target_leaves = jax.tree_util.tree_flatten_with_path(target)[0]
     restored_leaves = jax.tree.leaves(restored)
     if len(target_leaves) != len(restored_leaves):
-        raise CheckpointError(
-            f"checkpoint {where} does not match this run: {len(restored_leaves)} arrays, expected {len(target_leaves)}"
+        raise CheckpointMismatch(
+            f"checkpoint {step} does not match this run: {len(restored_leaves)} arrays, expected {len(target_leaves)}"
         )
     for (path, want), got in zip(target_leaves, restored_leaves):
-        # Targets may be arrays or jax.ShapeDtypeStructs: compare only shape and dtype.
-        want_dtype, got_dtype = np.dtype(want.dtype), np.dtype(got.dtype)
-        if tuple(want.shape) != tuple(got.shape) or want_dtype != got_dtype:
-            raise CheckpointError(
-                f"checkpoint {where} does not match this run at {jax.tree_util.keystr(path)}: "
-                f"{got_dtype}{list(got.shape)}, expected {want_dtype}{list(want.shape)}"
+        if _describe(want) != _describe(got):
+            raise CheckpointMismatch(
+                f"checkpoint {step} does not match this run at {jax.tree_util.keystr(path)}: "
+                f"{_describe(got)}, expected {_describe(want)}"
             )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from nanlab import optim
-from nanlab.checkpoint import CheckpointError, Checkpointer, nonfinite_leaves
+from nanlab.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, CorruptCheckpoint, nonfinite_leaves
 from nanlab.step import TrainState
 
 
@@ -78,8 +78,105 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     for path in (tmp_path / "ck" / "1").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="corrupt or does not match"):
+    with pytest.raises(CorruptCheckpoint, match=r"^checkpoint 1 in .*ck is corrupt: [a-z ]+"):
         Checkpointer(tmp_path / "ck").restore(_state())
+
+
+def test_mismatch_names_the_array_and_both_shapes_before_reading_arrays(tmp_path):
+    checkpointer = Checkpointer(tmp_path / "ck")
+    checkpointer.save(4, _state())
+    with pytest.raises(CheckpointMismatch) as caught:
+        checkpointer.restore(_state(shape=(3, 5)))
+    message = str(caught.value)
+    assert message.count("\n") == 0 and len(message) < 200
+    assert "checkpoint 4 does not match this run" in message
+    assert "it holds params/dense/bias as float32[4], this run has float32[5]" in message
+    assert "strict" not in message and "ArrayRestoreArgs" not in message  # no orbax internals
+
+
+def _three_checkpoints(directory):
+    checkpointer = Checkpointer(directory, keep=3)
+    for step in (1, 2, 3):
+        checkpointer.save(step, _state(step=step, value=float(step)))
+    checkpointer.close()
+
+
+def _file_roles(directory):
+    """Each file of a checkpoint as a role that survives a new save: its path, or for the content-
+    addressed data files (random names), the folder and the file's rank in it ('default/d/#0')."""
+    roles = {}
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        relative = path.relative_to(directory)
+        if relative.parent.name == "d":
+            rank = sorted(q.name for q in path.parent.iterdir()).index(path.name)
+            roles[f"{relative.parent}/#{rank}"] = path
+        else:
+            roles[str(relative)] = path
+    return roles
+
+
+def _checkpoint_file_roles():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _three_checkpoints(Path(tmp))
+        return sorted(_file_roles(Path(tmp) / "3"))
+
+
+def _damage(path, how):
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(b"\x00garbage" * 8)
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "garbage"])
+@pytest.mark.parametrize("role", _checkpoint_file_roles())
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, role, how):
+    directory = tmp_path / "ck"
+    _three_checkpoints(directory)
+    _damage(_file_roles(directory / "3")[role], how)
+    step, restored, skipped = Checkpointer(directory).restore_newest_intact(_state())
+    # Never wrong values: either the damage did not touch what a restore reads (checkpoint 3
+    # comes back whole) or checkpoint 3 is skipped, with a reason, for the intact checkpoint 2.
+    if step == 3:
+        assert skipped == [] and _equal(restored, _state(step=3, value=3.0))
+    else:
+        assert step == 2 and _equal(restored, _state(step=2, value=2.0))
+        assert skipped in ([], [skipped[0]])
+        assert all(line.startswith("checkpoint 3: ") for line in skipped)
+
+
+def test_fallback_happens_for_a_damaged_data_file(tmp_path):
+    # The arrays' data files are what a restore must read: damaging them is never silent.
+    directory = tmp_path / "ck"
+    _three_checkpoints(directory)
+    for path in (directory / "3").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            _damage(path, "garbage")
+    step, restored, skipped = Checkpointer(directory).restore_newest_intact(_state())
+    assert step == 2 and _equal(restored, _state(step=2, value=2.0))
+    assert len(skipped) == 1 and skipped[0].startswith("checkpoint 3: ")
+
+
+def test_every_checkpoint_broken_is_one_clear_error(tmp_path):
+    directory = tmp_path / "ck"
+    _three_checkpoints(directory)
+    for path in directory.rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            _damage(path, "truncated")
+    with pytest.raises(CheckpointError, match=r"^no intact checkpoint in .*ck \(checkpoint 3: .*; checkpoint 2: .*; "
+                                              r"checkpoint 1: .*\)$"):
+        Checkpointer(directory).restore_newest_intact(_state())
+
+
+def test_fallback_does_not_hide_a_mismatch(tmp_path):
+    directory = tmp_path / "ck"
+    _three_checkpoints(directory)
+    with pytest.raises(CheckpointMismatch, match="checkpoint 3 does not match this run"):
+        Checkpointer(directory).restore_newest_intact(_state(shape=(3, 5)))
 
 
 _SAVER = textwrap.dedent(
