@@ -14,6 +14,7 @@ that reads back whole and says which it skipped.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +94,22 @@ class Checkpointer:
 
         Raises:
           CheckpointError: the state holds a NaN or an Inf (naming the first leaves); nothing is
-            written.
+            written. Or the write failed (e.g. the disk is full): what it left is removed and the
+            earlier checkpoints stay as they were.
         """
         bad = nonfinite_leaves(state)
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise CheckpointError(f"refusing to checkpoint a non-finite state at step {step}: {shown}")
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            self._manager.wait_until_finished()
+        except OSError as error:  # a full disk, a quota, a vanished mount: the user's terms, one line
+            self._remove_partial(step)
+            kept = self.latest_step()
+            previous = f"checkpoint {kept} is intact" if kept is not None else "no earlier checkpoint exists"
+            raise CheckpointError(f"could not write checkpoint {step} in {self.directory}: "
+                                  f"{error.strerror or error}; {previous}") from None
 
     def restore(self, target: Any, step: int | None = None) -> tuple[int, Any]:
         """Restore the checkpoint of `step` (default: the latest) into the structure of `target`.
@@ -181,6 +190,14 @@ class Checkpointer:
                 raise CheckpointMismatch(f"checkpoint {step} does not match this run: it holds {name} as "
                                          f"{got_desc}, this run has {want_desc} (written by a run of another "
                                          "configuration)")
+
+    def _remove_partial(self, step: int) -> None:
+        """Delete what a failed save of `step` left (orbax's temporary folder, or an incomplete one)."""
+        complete = step in self._manager.all_steps()
+        for path in self.directory.iterdir():
+            temporary = path.name.startswith(f"{step}.")  # orbax's '<step>.orbax-checkpoint-tmp-<time>'
+            if path.is_dir() and (temporary or (path.name == str(step) and not complete)):
+                shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
         """Wait for pending writes and release the manager."""

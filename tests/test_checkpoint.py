@@ -223,3 +223,30 @@ def test_sigkill_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored.params["w"]), np.full((256, 1024), float(step)))
     # The torn save's temporary directory, if the kill left one, is gone or ignored.
     assert all(p.name.isdigit() for p in Path(directory).iterdir() if p.is_dir())
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    directory = tmp_path / "ck"
+    checkpointer = Checkpointer(directory, keep=2)
+    checkpointer.save(1, _state(step=1, value=1.0))
+    checkpointer.save(10, _state(step=10, value=10.0))  # a neighbour whose name starts like step 1's
+    real_save = checkpointer._manager.save
+
+    def save_then_fail(step, *args, **kwargs):
+        # The disk fills part-way: orbax has begun step 2's temporary folder when the write fails.
+        (directory / f"{step}.orbax-checkpoint-tmp-1").mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpointer._manager, "save", save_then_fail)
+    with pytest.raises(CheckpointError) as caught:
+        checkpointer.save(1, _state(step=1, value=1.0))
+    message = str(caught.value)
+    assert message == f"could not write checkpoint 1 in {directory}: No space left on device; checkpoint 10 is intact"
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "10"]
+    monkeypatch.setattr(checkpointer._manager, "save", real_save)
+    step, restored = Checkpointer(directory).restore(_state())
+    assert step == 10 and _equal(restored, _state(step=10, value=10.0))
+    _, restored = Checkpointer(directory).restore(_state(), step=1)
+    assert _equal(restored, _state(step=1, value=1.0))
