@@ -9,7 +9,10 @@ Formulations (`impl`), all equal in value and gradient (tests/models/test_conv.p
 - "xla": one `lax.conv_general_dilated`; its gradients are XLA's transposed convolutions.
 - "fast": the fastest correct formulation measured on XLA's CPU backend, chosen per shape by
   `choose_formulation` (why each choice: see the comments there).
-- "auto": "fast" when `jax.default_backend() == "cpu"`, else "xla" (cuDNN's convolutions on GPU).
+- "tuned": per shape, the formulation measured fastest on this machine (`nanlab.models.conv_tuning`
+  times "xla" and "fast" with each kernel-gradient formulation and activates the table); a shape
+  the active table lacks, or no table at all, gets "fast"'s fixed choice.
+- "auto": "tuned" when `jax.default_backend() == "cpu"`, else "xla" (cuDNN's convolutions on GPU).
 - "matmul", "im2col", "taps", "swap": one formulation forced everywhere it applies (ablations).
 """
 
@@ -26,7 +29,7 @@ from jax import lax
 Initializer = Callable[..., jax.Array]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-IMPLS = ("xla", "fast", "auto", "matmul", "im2col", "taps", "swap")
+IMPLS = ("xla", "fast", "tuned", "auto", "matmul", "im2col", "taps", "swap")
 KERNEL_GRADS = ("xla", "im2col", "taps", "swap")
 PADDINGS = ("SAME", "VALID")
 
@@ -38,13 +41,35 @@ def resolve_impl(impl: str) -> str:
       impl: one of `IMPLS`.
 
     Returns:
-      `impl` itself, or for "auto": "fast" on CPU, "xla" elsewhere (cuDNN is fast on GPU).
+      `impl` itself, or for "auto": "tuned" on CPU, "xla" elsewhere (cuDNN is fast on GPU).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "fast" if jax.default_backend() == "cpu" else "xla"
+        return "tuned" if jax.default_backend() == "cpu" else "xla"
     return impl
+
+
+# ------------------------------------------------------------------------------ the tuned choices
+
+# The active tuning table: shape key -> "xla" or "fast:<kernel grad>" ("fast" for a 1x1). Empty
+# unless a caller activates one (`nanlab.models.conv_tuning.activate`): the library never reads a
+# cache file behind its user's back, and tests see "fast"'s fixed choices.
+_TUNED: dict[str, str] = {}
+_RECORDERS: list[list[str]] = []  # open `record_conv_keys` blocks; conv() appends the keys it meets
+
+
+def conv_key(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], strides: tuple[int, int],
+             padding: str, dtype: Any) -> str:
+    """The tuning table's key of one convolution: input and kernel shapes, strides, padding, dtype."""
+    return (f"x{'x'.join(map(str, x_shape))}-k{'x'.join(map(str, kernel_shape))}-s{strides[0]}x{strides[1]}"
+            f"-{padding}-{jnp.dtype(dtype).name}")
+
+
+def _tuned_choice(key: str) -> str | None:
+    for keys in _RECORDERS:
+        keys.append(key)
+    return _TUNED.get(key)
 
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -314,6 +339,8 @@ def conv(
     strides: tuple[int, int] = (1, 1),
     padding: str = "SAME",
     impl: str = "auto",
+    *,
+    kernel_grad: str | None = None,
 ) -> jax.Array:
     """NHWC x HWIO convolution by the formulation `impl` picks for this shape.
 
@@ -323,6 +350,8 @@ def conv(
       strides: (sh, sw).
       padding: "SAME" or "VALID".
       impl: one of `IMPLS`.
+      kernel_grad: with impl "fast", one of `KERNEL_GRADS` in place of its fixed choice (what
+        `conv_tuning` times).
 
     Returns:
       (N, Ho, Wo, Cout).
@@ -331,6 +360,12 @@ def conv(
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     strides = tuple(int(s) for s in strides)
     impl = resolve_impl(impl)
+    if kernel_grad is not None and kernel_grad not in KERNEL_GRADS:
+        raise ValueError(f"kernel_grad must be one of {KERNEL_GRADS}, got {kernel_grad!r}")
+    if impl == "tuned":
+        choice = _tuned_choice(conv_key(x.shape, kernel.shape, strides, padding, x.dtype)) or "fast"
+        impl, _, kernel_grad = choice.partition(":")
+        kernel_grad = kernel_grad or None
     pads = explicit_padding(x.shape[1:3], kernel.shape[:2], strides, padding)
     if impl == "xla":
         return conv_xla(x, kernel, strides, pads)
@@ -341,7 +376,10 @@ def conv(
         return conv_1x1_matmul(x, kernel, strides)
     if impl == "matmul":
         return conv_xla(x, kernel, strides, pads)
-    kernel_grad = choose_kernel_grad(x.shape, kernel.shape, strides) if impl == "fast" else impl
+    if impl == "fast":
+        kernel_grad = kernel_grad or choose_kernel_grad(x.shape, kernel.shape, strides)
+    else:
+        kernel_grad = impl
     recentred = centred_pads_and_crop(x.shape, kernel.shape, pads) if impl == "fast" else None
     if strides != (1, 1) or recentred is None:
         return conv_custom_grad(x, kernel, strides, pads, kernel_grad)

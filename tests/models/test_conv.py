@@ -111,9 +111,10 @@ def test_a_wrong_kernel_gradient_is_caught():
         _assert_close(wrong, expected, "reversed taps")
 
 
-def test_auto_is_fast_on_cpu_and_xla_elsewhere(monkeypatch):
+def test_auto_is_tuned_on_cpu_and_xla_elsewhere(monkeypatch):
+    # "tuned" is "fast" wherever no tuning table is active (tests/models/test_conv_tuning.py).
     assert jax.default_backend() == "cpu"
-    assert conv_lib.resolve_impl("auto") == "fast"
+    assert conv_lib.resolve_impl("auto") == "tuned"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert conv_lib.resolve_impl("auto") == "xla"
 

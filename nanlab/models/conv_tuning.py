@@ -1,0 +1,235 @@
+"""Pick each convolution's formulation by timing it on the machine that runs it, and remember the pick.
+
+How a convolution and its gradients are written changes their speed several-fold on XLA's CPU
+backend, and the fastest way differs between CPUs (AVX-512 or not, cache sizes, core counts). So
+for every convolution shape of a model (input, kernel, strides, padding, dtype) this module times
+each candidate once on this machine (forward, input gradient and kernel gradient together, as a
+train step runs them) and keeps the fastest:
+
+- "xla": `lax.conv` with XLA's own transposed convolutions;
+- "fast:<kernel grad>": `nanlab.models.conv`'s "fast" path (1x1s as channel matmuls, taps that
+  only see padding dropped, VALID stride-1 as SAME plus a crop) with each kernel-gradient
+  formulation, "xla", "im2col", "taps" and "swap" ("fast" alone for a 1x1: there it is a matmul).
+
+The choices are cached in a JSON file keyed by machine (CPU model, core count, JAX version,
+backend), under the user's cache directory next to the compilation cache, so later runs start with
+them; `activate` hands a table to `conv.Conv(impl="tuned")` (the CPU default). Without an active
+table, or for a shape it lacks, "tuned" is "fast" with its fixed choices (`conv.choose_kernel_grad`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanlab.models import conv as conv_lib
+
+__all__ = ["ENV_VAR", "candidates", "machine_id", "default_path", "record_conv_keys", "conv_keys_of",
+           "time_choice", "tune", "load", "save", "activate", "active", "ensure_tuned"]
+
+ENV_VAR = "NANLAB_CONV_TUNING"  # 'off' keeps the fixed choices; a path moves the cache file
+KERNEL_GRAD_CHOICES = tuple(f"fast:{name}" for name in conv_lib.KERNEL_GRADS)
+
+
+def parse_key(key: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], str, str]:
+    """(x shape, kernel shape, strides, padding, dtype) back from `conv.conv_key`."""
+    x, k, s, padding, dtype = key.split("-")
+    shape = lambda text: tuple(int(d) for d in text[1:].split("x"))  # noqa: E731
+    return shape(x), shape(k), shape(s), padding, dtype  # type: ignore[return-value]
+
+
+def candidates(key: str) -> tuple[str, ...]:
+    """The choices worth timing for one convolution."""
+    _, kernel_shape, _, _, _ = parse_key(key)
+    if kernel_shape[:2] == (1, 1):
+        return ("xla", "fast")  # "fast" is a channel matmul there, whatever the kernel gradient
+    return ("xla",) + KERNEL_GRAD_CHOICES
+
+
+def machine_id() -> str:
+    """What the timings depend on: the CPU model, its core count, the JAX version and backend."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} | {os.cpu_count()} cores | jax {jax.__version__} | {jax.default_backend()}"
+
+
+def default_path() -> Path | None:
+    """The cache file: NANLAB_CONV_TUNING (a path, or 'off' for None), else beside the compile cache."""
+    from nanlab import compile_cache
+
+    choice = os.environ.get(ENV_VAR, "").strip()
+    if choice.lower() == "off":
+        return None
+    return Path(choice).expanduser() if choice else compile_cache.default_dir().parent / "conv-tuning.json"
+
+
+# ------------------------------------------------------------------------------------- collecting
+
+
+@contextlib.contextmanager
+def record_conv_keys() -> Iterator[list[str]]:
+    """Collect the keys of every "tuned" convolution traced inside the block, in order."""
+    keys: list[str] = []
+    conv_lib._RECORDERS.append(keys)
+    try:
+        yield keys
+    finally:
+        conv_lib._RECORDERS.remove(keys)
+
+
+def conv_keys_of(fn: Callable[..., Any], *args: Any) -> list[str]:
+    """The distinct convolution keys `fn(*args)` traces (abstractly: nothing is computed)."""
+    with record_conv_keys() as keys:
+        # A fresh function each time: JAX caches traces by function, and a cached trace would run
+        # no Python, so no convolution would be recorded.
+        jax.eval_shape(lambda *a: fn(*a), *args)
+    return list(dict.fromkeys(keys))
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+def _operands(key: str) -> tuple[jax.Array, jax.Array, jax.Array, tuple[int, int], str]:
+    x_shape, kernel_shape, strides, padding, dtype = parse_key(key)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), dtype)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape) * 0.1, dtype)
+    y = jax.eval_shape(lambda a, b: conv_lib.conv(a, b, strides, padding, "xla"), x, kernel)
+    cotangent = jnp.asarray(rng.normal(size=y.shape), dtype)
+    return x, kernel, cotangent, strides, padding
+
+
+def _train_pass(choice: str, strides: tuple[int, int], padding: str) -> Callable:
+    """jitted (x, kernel, cotangent) -> (y, dx, dkernel) under one choice, as a train step runs it."""
+    impl, _, kernel_grad = choice.partition(":")
+
+    @jax.jit
+    def run(x, kernel, cotangent):
+        convolve = lambda a, k: conv_lib.conv(a, k, strides, padding, impl, kernel_grad=kernel_grad or None)  # noqa: E731
+        y, vjp = jax.vjp(convolve, x, kernel)
+        return (y, *vjp(cotangent))
+
+    return run
+
+
+def time_choice(key: str, choice: str, *, repeats: int = 3, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one forward + both gradients of the convolution `key` under `choice` (best of repeats).
+
+    The first call compiles and is not timed; the best of `repeats` calls is the least disturbed
+    by other work on the machine.
+    """
+    x, kernel, cotangent, strides, padding = _operands(key)
+    run = _train_pass(choice, strides, padding)
+    jax.block_until_ready(run(x, kernel, cotangent))
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        jax.block_until_ready(run(x, kernel, cotangent))
+        best = min(best, clock() - start)
+    return best
+
+
+def tune(keys: Iterable[str], *, repeats: int = 3,
+         timer: Callable[[str, str], float] | None = None,
+         progress: Callable[[int, int, str], None] | None = None) -> dict[str, str]:
+    """Time every candidate of every key and keep the fastest: key -> choice.
+
+    Args:
+      keys: convolution keys (`conv.conv_key`), e.g. from `conv_keys_of`.
+      repeats: timed calls per candidate (after one compiling call).
+      timer: `(key, choice) -> seconds`; the default times it on this machine (`time_choice`).
+      progress: called as `progress(done, total, key)` after each key.
+    """
+    keys = list(dict.fromkeys(keys))
+    timer = timer or (lambda key, choice: time_choice(key, choice, repeats=repeats))
+    table = {}
+    for i, key in enumerate(keys):
+        seconds = {choice: timer(key, choice) for choice in candidates(key)}
+        table[key] = min(seconds, key=seconds.get)  # ties: the first, "xla"
+        if progress is not None:
+            progress(i + 1, len(keys), key)
+    return table
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+
+def load(path: Path, machine: str) -> dict[str, str]:
+    """This machine's table from the cache file ({} when the file or the machine is not there).
+
+    A cache file that does not parse is treated as empty (it is rewritten whole on the next save).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    table = data.get(machine, {}) if isinstance(data, dict) else {}
+    valid = set(KERNEL_GRAD_CHOICES) | {"xla", "fast"}
+    return {k: v for k, v in table.items() if isinstance(v, str) and v in valid}
+
+
+def save(path: Path, machine: str, table: dict[str, str]) -> None:
+    """Merge `table` into the cache file under `machine`, atomically (other machines' tables kept)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data[machine] = {**data.get(machine, {}), **table}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as out:
+        json.dump(data, out, indent=1, sort_keys=True)
+    os.replace(out.name, path)  # a reader sees the old file or the new one, never half of one
+
+
+def activate(table: dict[str, str]) -> None:
+    """Make `table` the choices of every `Conv(impl="tuned")` traced from now on (replacing the last)."""
+    conv_lib._TUNED.clear()
+    conv_lib._TUNED.update(table)
+
+
+def active() -> dict[str, str]:
+    """A copy of the active table."""
+    return dict(conv_lib._TUNED)
+
+
+def ensure_tuned(fn: Callable[..., Any], *args: Any, path: Path | None,
+                 progress: Callable[[int, int, str], None] | None = None,
+                 timer: Callable[[str, str], float] | None = None) -> tuple[dict[str, str], int]:
+    """Tune what `fn(*args)` convolves that the cache lacks, save it, activate the whole table.
+
+    Args:
+      fn, args: what to trace for its convolutions (e.g. the model's training forward pass).
+      path: the cache file; None tunes without caching.
+
+    Returns:
+      (the table activated for `fn`'s convolutions, how many keys were timed now).
+    """
+    machine = machine_id()
+    cached = load(path, machine) if path is not None else {}
+    keys = conv_keys_of(fn, *args)
+    missing = [k for k in keys if k not in cached]
+    fresh = tune(missing, progress=progress, timer=timer) if missing else {}
+    if fresh and path is not None:
+        save(path, machine, fresh)
+    table = {k: {**cached, **fresh}[k] for k in keys}
+    activate(table)
+    return table, len(missing)
