@@ -15,6 +15,14 @@ nanlab-fast, ...) so that the load of a shared machine hits every contestant ali
 medians and the median of the per-round ratios. `--conv-shapes` instead times every distinct
 convolution of the network under each formulation of `nanlab.models.conv` (forward, input
 gradient, kernel gradient): the figures behind `nanlab.models.conv.choose_kernel_grad`.
+
+`conv_impl="tuned"` (the CPU default) first times each convolution shape's formulations on this
+machine (`nanlab.models.conv_tuning`; cached per machine, so only the first run pays) and prints
+how long that took. The peers, PyTorch (torchvision's inception_v3) and Keras 3 on TensorFlow, run
+in the same invocation, each in its own process (`benchmarks/peer_models.py`, with `--peer-python`
+or this interpreter; install them with the `peers` extra) after nanlab's rounds of each setting;
+the bench says which peers it skipped. The machine's float32 matmul rate is measured first, in the
+same invocation, and every contestant's train GFLOP/s is given as a share of it.
 """
 
 from __future__ import annotations
@@ -22,9 +30,11 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -244,6 +254,15 @@ def nanlab_runner(setting: Setting, impl: str) -> Runner:
     x_np, y_np = _batch(setting)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     variables = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.key(0))
+    if conv_lib.resolve_impl(impl) == "tuned":
+        from nanlab.models import conv_tuning
+
+        start = time.perf_counter()
+        apply = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
+        table, fresh = conv_tuning.ensure_tuned(apply, variables, x, path=conv_tuning.default_path())
+        print(f"# nanlab[{impl}] at {setting.image_size}x{setting.batch}: {fresh} of {len(table)} convolution "
+              f"shapes timed now ({time.perf_counter() - start:.0f} s), the rest from the cache; choices "
+              f"{dict(collections.Counter(table.values()))}", flush=True)
     tx = optax.adam(1e-3)
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
 
@@ -322,13 +341,45 @@ def time_interleaved(runners: list[Runner], kind: str, steps: int, warmup: int) 
     return seconds
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matmul rate through JAX (best of `repeats` n x n products), GFLOP/s."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+PEERS = ("torch", "keras-tf")
+
+
+def run_peer(peer: str, setting: Setting, steps: int, python: str) -> dict | None:
+    """One peer in its own process (benchmarks/peer_models.py); None when its framework is missing."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_models.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KERAS_BACKEND")}
+    done = subprocess.run([python, script, peer, "--image-size", str(setting.image_size), "--batch",
+                           str(setting.batch), "--steps", str(steps)], capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 3 or not lines:
+        reason = json.loads(lines[-1]).get("missing", "") if lines else done.stderr.strip().splitlines()[-1:]
+        print(f"# skipped peer {peer}: {reason or 'no result'}", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over rounds of speed(numerator)/speed(denominator) = t_den/t_num of the same round."""
     return statistics.median(d / n for n, d in zip(numerator, denominator))
 
 
-def benchmark_setting(setting: Setting, impls: list[str], with_keras: bool, steps: int, warmup: int) -> list[str]:
-    """Builds the contestants, times them, and returns the markdown rows of this setting."""
+def benchmark_setting(setting: Setting, impls: list[str], with_keras: bool, steps: int, warmup: int,
+                      peak: float, peers: list[str], peer_python: str) -> list[str]:
+    """Builds the contestants, times them, runs the peers, and returns the markdown rows of this setting."""
     runners = [nanlab_runner(setting, impl) for impl in impls]
     if with_keras:
         runners.append(keras_runner(setting))
@@ -343,29 +394,48 @@ def benchmark_setting(setting: Setting, impls: list[str], with_keras: bool, step
     infer = time_interleaved(runners, "infer", steps, warmup)
     load_after = os.getloadavg()[0]
     baseline = runners[-1].name
-    rows = []
+    per_image = train_flops / setting.batch if train_flops else float("nan")
+
+    def row(name, t_train, t_infer, train_ratio, infer_ratio, compile_s, load):
+        gflops = (train_flops or float("nan")) / t_train / 1e9
+        return (f"| {setting.image_size} | {setting.batch} | {setting.dtype} | {name} "
+                f"| {setting.batch / t_train:.2f} | {setting.batch / t_infer:.2f} | {train_ratio} | {infer_ratio} "
+                f"| {compile_s:.1f} | {per_image / 1e9:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% | {load} |")
+
+    rows, rates = [], {}
     for runner in runners:
         t_train = statistics.median(train[runner.name])
         t_infer = statistics.median(infer[runner.name])
-        per_image = train_flops / setting.batch if train_flops else float("nan")
-        rows.append(
-            f"| {setting.image_size} | {setting.batch} | {setting.dtype} | {runner.name} "
-            f"| {setting.batch / t_train:.2f} | {setting.batch / t_infer:.2f} "
-            f"| {paired_ratio(train[runner.name], train[baseline]):.2f} "
-            f"| {paired_ratio(infer[runner.name], infer[baseline]):.2f} "
-            f"| {runner.compile_s:.1f} | {per_image / 1e9:.1f} "
-            f"| {(train_flops or float('nan')) / t_train / 1e9:.1f} "
-            f"| {load_before:.1f}-{load_after:.1f} |"
-        )
+        rates[runner.name] = (setting.batch / t_train, setting.batch / t_infer)
+        rows.append(row(runner.name, t_train, t_infer, f"{paired_ratio(train[runner.name], train[baseline]):.2f}",
+                        f"{paired_ratio(infer[runner.name], infer[baseline]):.2f}", runner.compile_s,
+                        f"{load_before:.1f}-{load_after:.1f}"))
+    for peer in peers:
+        # Peers run after nanlab's rounds, in their own process: their ratios are of medians, not paired.
+        result = run_peer(peer, setting, steps, peer_python)
+        if result is None:
+            continue
+        t_train, t_infer = result["train_median_s"], result["infer_median_s"]
+        rates[result["peer"]] = (setting.batch / t_train, setting.batch / t_infer)
+        base_train, base_infer = rates[baseline]
+        rows.append(row(result["peer"], t_train, t_infer, f"{setting.batch / t_train / base_train:.2f}",
+                        f"{setting.batch / t_infer / base_infer:.2f}", result["compile_s"],
+                        f"{os.getloadavg()[0]:.1f}"))
     if infer_flops:
         rows.append(f"<!-- {setting.image_size}x{setting.batch}: inference {infer_flops / setting.batch / 1e9:.1f} GFLOP/image -->")
+    ours = [name for name in rates if name.startswith("nanlab")]
+    others = [name for name in rates if not name.startswith("nanlab")]
+    for name in ours:
+        for other in others:
+            rows.append(f"<!-- {setting.image_size}x{setting.batch}: {name} / {other}: train "
+                        f"{rates[name][0] / rates[other][0]:.2f}x, inference {rates[name][1] / rates[other][1]:.2f}x -->")
     return rows
 
 
 TABLE_HEADER = (
-    "| image | batch | dtype | model | train img/s | infer img/s | train ratio vs last | "
-    "infer ratio vs last | compile s | train GFLOP/img | train GFLOP/s | load 1-min |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| image | batch | dtype | model | train img/s | infer img/s | train ratio vs keras-jax | "
+    "infer ratio vs keras-jax | compile s | train GFLOP/img | train GFLOP/s | share of matmul peak | load 1-min |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -420,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--conv-shapes", action="store_true", help="time each convolution shape instead")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after compilation")
-    parser.add_argument("--impls", default="fast,xla", help="nanlab conv_impl values to run")
+    parser.add_argument("--impls", default="tuned,fast,xla", help="nanlab conv_impl values to run")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated peers run in their own processes ({', '.join(PEERS)}; 'none')")
+    parser.add_argument("--peer-python", default=sys.executable,
+                        help="the interpreter with the peers installed (default: this one)")
     parser.add_argument("--no-keras", action="store_true", help="skip Keras (nanlab only)")
     parser.add_argument("--image-size", type=int, default=None, help="one setting: this image size")
     parser.add_argument("--batch", type=int, default=None, help="one setting: this batch size")
@@ -455,15 +529,23 @@ def main(argv: list[str] | None = None) -> int:
         settings = [dataclasses.replace(base, image_size=args.image_size or base.image_size, batch=args.batch or base.batch)]
     if not impls and args.no_keras:
         return _fail("--impls is empty and --no-keras: nothing to run")
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    for peer in peers:
+        if peer not in PEERS:
+            return _fail(f"--peers: unknown {peer!r}; choose from {', '.join(PEERS)} or none")
 
     command = "python benchmarks/bench_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# {command.strip()}")
     print(f"# {environment_line()}")
+    peak = matmul_peak_gflops()
+    print(f"# float32 matmul peak of this machine through JAX (2048^3, best of 10): {peak:.1f} GFLOP/s")
     print(f"# median of {steps} interleaved rounds after {args.warmup} warm-up; ratios: median per-round "
-          f"speed ratio against the last row of the setting ({'keras-jax' if not args.no_keras else impls[-1]})")
+          f"speed ratio against the last nanlab-process row of the setting "
+          f"({'keras-jax' if not args.no_keras else impls[-1]}); peers: ratio of medians")
     print(TABLE_HEADER, flush=True)
     for setting in settings:
-        for row in benchmark_setting(setting, impls, not args.no_keras, steps, args.warmup):
+        for row in benchmark_setting(setting, impls, not args.no_keras, steps, args.warmup, peak, peers,
+                                     args.peer_python):
             print(row, flush=True)
     return 0
 
