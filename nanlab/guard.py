@@ -265,16 +265,22 @@ class GuardedStep:
             self._pending.copy_to_host_async()  # read at the next call, while that call runs
         return outputs
 
-    def check(self) -> None:
-        """Wait for the latest call and handle a failure among the calls not yet checked.
+    def check(self) -> Any:
+        """Wait for the latest call, handle a failure among the calls not yet checked, return its outputs.
 
         Call it after the loop (the last calls' flags are otherwise read only at a next call), or
-        before saving a checkpoint you want to be sure of.
+        before saving a checkpoint you want to be sure of: ``state, metrics = train_step.check()``.
+        Use the outputs it returns: after a skipped failure the calls held since then are run again,
+        and their new outputs replace (and, when donated, consume) the ones the loop holds.
+
+        Returns:
+          The outputs of the latest call (None before the first call).
         """
         if self._last_outputs is None:
-            return
+            return None
         self._pending = None
         self._last_outputs = self._handle(np.asarray(self._carry), self._last_outputs)
+        return self._last_outputs
 
     @property
     def skipped(self) -> int:
@@ -358,7 +364,7 @@ class GuardedStep:
                   "origin...", file=sys.stderr)
         report = trace.localize(_with_statics(self.fn, inputs, self.static_argnums),
                                 *_dynamic(inputs, self.static_argnums), allow=self.allow)
-        args = inputs[1:]
+        args = _dynamic(inputs, self.static_argnums)[1:]
         batch = args[0] if len(args) == 1 else args
         history = list(self.history) if self.history is not None else self._history(before=step)
         verdict = diagnose.diagnose(report, batch=jax.device_get(batch), history=history)
