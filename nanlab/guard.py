@@ -355,30 +355,9 @@ class GuardedStep:
         return outputs
 
     def _report(self, step: int, inputs: tuple) -> NonFiniteError:
-        """Replay the failing call, diagnose it, print both, write report.json."""
-        from nanlab import diagnose, trace
-
-        name = getattr(self.fn, "__name__", type(self.fn).__name__)
-        if self.verbose:
-            print(f"nanlab.guard: call {step} of {name} went non-finite; replaying it to localize the "
-                  "origin...", file=sys.stderr)
-        report = trace.localize(_with_statics(self.fn, inputs, self.static_argnums),
-                                *_dynamic(inputs, self.static_argnums), allow=self.allow)
-        args = _dynamic(inputs, self.static_argnums)[1:]
-        batch = args[0] if len(args) == 1 else args
         history = list(self.history) if self.history is not None else self._history(before=step)
-        verdict = diagnose.diagnose(report, batch=jax.device_get(batch), history=history)
-        payload = {"step": step, "function": name, "report": report.to_dict(), "verdict": verdict.to_dict()}
-        if self.verbose:
-            print(f"\nnon-finite at call {step} of {name}")
-            print(report)
-            print(f"\n{verdict}")
-        if self.workdir is not None:
-            from nanlab.runlog import write_json
-
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            write_json(self.workdir / "report.json", payload)
-        return NonFiniteError(report, verdict, step=step, inputs=inputs, payload=payload)
+        return replay_failure(self.fn, inputs, step=step, static_argnums=self.static_argnums,
+                              allow=self.allow, history=history, workdir=self.workdir, verbose=self.verbose)
 
     def _history(self, *, before: int) -> list[dict[str, Any]]:
         """Metric rows from the aux outputs of the calls before `before` (scalars only)."""
@@ -433,6 +412,52 @@ def guard(fn: Callable | None = None, /, *, donate_argnums: int | Sequence[int] 
     if fn is None:
         return lambda f: GuardedStep(f, **options)
     return GuardedStep(fn, **options)
+
+
+def replay_failure(fn: Callable, inputs: tuple, *, step: int, static_argnums: tuple[int, ...] = (),
+                   allow: Any = None, history: Sequence[Mapping[str, Any]] | None = None,
+                   workdir: str | Path | None = None, verbose: bool = True, what: str = "call",
+                   extra: Mapping[str, Any] | None = None) -> NonFiniteError:
+    """Replay a failing call through `nanlab.trace.localize`, diagnose it, print both, write report.json.
+
+    Args:
+      fn: the pure step that failed.
+      inputs: its positional arguments ``(state, *args)`` as the failing call got them.
+      step: the index of the failing call (or batch), for the messages and the payload.
+      static_argnums: positions in `inputs` that are static (bound, not traced).
+      allow: passed to `localize`.
+      history: metric rows for `diagnose` (oldest first).
+      workdir: where to write report.json (None: not written).
+      verbose: print the report and the verdict.
+      what: what `step` counts, for the messages ("call", "batch").
+      extra: more JSON-ready entries for the payload.
+
+    Returns:
+      The `NonFiniteError` (not raised).
+    """
+    from nanlab import diagnose, trace
+
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if verbose:
+        print(f"nanlab.guard: {what} {step} of {name} went non-finite; replaying it to localize the "
+              "origin...", file=sys.stderr)
+    report = trace.localize(_with_statics(fn, inputs, static_argnums), *_dynamic(inputs, static_argnums),
+                            allow=allow)
+    args = _dynamic(inputs, static_argnums)[1:]
+    batch = args[0] if len(args) == 1 else args
+    verdict = diagnose.diagnose(report, batch=jax.device_get(batch), history=list(history or ()))
+    payload = {"step": step, "function": name, **(extra or {}), "report": report.to_dict(),
+               "verdict": verdict.to_dict()}
+    if verbose:
+        print(f"\nnon-finite at {what} {step} of {name}")
+        print(report)
+        print(f"\n{verdict}")
+    if workdir is not None:
+        from nanlab.runlog import write_json
+
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(workdir) / "report.json", payload)
+    return NonFiniteError(report, verdict, step=step, inputs=inputs, payload=payload)
 
 
 def _argnums(value: int | Sequence[int], name: str) -> tuple[int, ...]:
