@@ -10,7 +10,7 @@ that stall instead of going NaN, or when no report exists).
 | `unscaled-inputs` | the batch's inputs reach max abs > `UNSCALED_MAX_ABS` (normalized inputs stay within a few units; raw 0-255 pixels do not) |
 | `learning-rate-too-high` | the batch is finite but parameters or optimizer state (`report.bad_inputs` paths naming `params`/`opt_state`) were non-finite on entry: the previous update overflowed |
 | `low-precision-overflow` | the origin is an overflow whose output dtype is float16 or bfloat16 |
-| `unstable-loss` | the origin sits outside every Flax module (the loss) and is a log of 0 or of a negative, or a division by 0 — forward or in its gradient — typically log(sigmoid(x)) saturating |
+| `unstable-loss` | the origin sits outside every Flax module or in Keras's `compile_loss` scope (the loss) and is a log of 0 or of a negative, or a division by 0 — forward or in its gradient — typically log(sigmoid(x)) saturating |
 | `learning-rate-too-high` | the origin is an overflow in the 'update' phase, or a recent update/param ratio >= `HIGH_UPDATE_RATIO` |
 | `exploding-gradients` | the origin is an overflow in the backward pass, or the grad norm grew >= `GRAD_GROWTH` times over the last `WINDOW` rows, or reached `HUGE_GRAD_NORM` |
 | `vanishing-gradients` | the per-module grad norms of the latest row fall, from the output side to the input side, by a factor >= 1/`VANISH_RATIO` |
@@ -224,7 +224,7 @@ def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]
             return _verdict("low-precision-overflow",
                             f"{origin.primitive} overflowed its {'/'.join(sorted(dtypes & _LOW_PRECISION))} "
                             f"range (float16 max 65504)", _report_line(report))
-        if origin.module == "" and origin.cause in _LOSS_CAUSES:
+        if _in_loss(origin.module) and origin.cause in _LOSS_CAUSES:
             saturated = ("the log's operand holds exact zeros: a saturated sigmoid (or 1 - sigmoid)"
                          if origin.cause == "log-of-zero" else "")
             return _verdict("unstable-loss", _report_line(report), saturated)
@@ -244,6 +244,12 @@ def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]
     if found:
         return _verdict("unknown", _report_line(report))
     return from_history
+
+
+def _in_loss(module: str) -> bool:
+    """Whether a module path is the loss: outside every module, or in Keras's loss scope."""
+    # Keras 3 computes the compiled loss under the name scope 'compile_loss/<loss name>'.
+    return module == "" or module.split("/")[0] == "compile_loss"
 
 
 def _report_line(report: Any) -> str:
