@@ -16,7 +16,7 @@ Vocabulary of a `Report` (and of `Report.to_dict()`, JSON; other tools read thes
 | `origin`       | event: the first equation whose output is non-finite while none of its inputs carried a non-finite value from the arguments or an earlier equation — where the trouble was created. Among several such roots, the first whose non-finite value reaches a non-finite output of `fn` wins; if none reaches an output, the first root. `null` when the trouble came in through the arguments (see `bad_inputs`) |
 | `first_nan`    | event: the first equation whose output holds a NaN (often after the origin: log(0) = -inf, then 0 * -inf = NaN) |
 | `bad_inputs`   | list of argument paths (`jax.tree_util.keystr` of the positional-argument tuple, e.g. `[1]['x']`) non-finite on entry |
-| `events`       | list of events: every root and the first `max_events` non-finite equations, in evaluation order |
+| `events`       | list of events: every root and the first `max_events` non-finite equations, in evaluation order. A NaN or Inf computed from constants only is folded (not an event) unless it reaches an output of `fn`; then the equation that made it is a root with cause 'non-finite-constant' (a `cond` branch or `jit` body returning `jnp.nan` is named by that `cond`/`jit`) |
 | `num_events`   | int: all equations with a non-finite output, recorded or not |
 | `num_equations`| int: equations evaluated (loop bodies count once per iteration) |
 | `seconds`      | float: wall time of the localization |
@@ -27,7 +27,9 @@ computation; 'backward': exists only for the gradient — transposed equations a
 coefficients computed during linearization, such as 0.5/sqrt(0); 'update': computed after the gradient
 from gradient values outside any differentiation, e.g. the optimizer), `source` (user file:line
 (function)), `kind` ('nan' or 'inf'), `cause`, `root` (bool: created here), `iterations` (list of
-{'loop': 'scan'|'while', 'index': int} from the outermost loop in), `forward_primitive` and
+{'loop': 'scan'|'while', 'index': int} from the outermost loop in; a vmapped while loop whose predicate is
+batched also has 'lanes': the lanes still running at that iteration, each of which is at that same
+iteration, as XLA runs the body while any lane runs and keeps finished lanes' carry), `forward_primitive` and
 `forward_source` (for backward events: the forward equation whose derivative produced it, '' when not
 found), `inputs` and `outputs` (summaries: shape, dtype, min and max over the finite entries (null when
 there are none), nan, posinf, neginf, zeros).
@@ -68,7 +70,7 @@ CAUSES: dict[str, str] = {
     "invalid-power": "pow of a negative base to a non-integer exponent is NaN, 0 to a negative power is inf",
     "domain-error": "a function evaluated outside its domain (acos/asin beyond [-1, 1], atanh beyond (-1, 1), ...)",
     "invalid-operation": "a finite input gave a NaN in a primitive without a more specific rule",
-    "non-finite-constant": "a NaN or Inf written into the program as a constant (e.g. a -inf mask)",
+    "non-finite-constant": "a NaN or Inf written into the program as a constant (e.g. a -inf mask), or computed from constants only",
     "nan-input": "an argument of the function already held a NaN",
     "inf-input": "an argument of the function already held an Inf",
     "propagated": "a non-finite input passed through (not where it was created)",
@@ -431,6 +433,9 @@ class _Value:
     grad: bool  # derived from gradient values (for the 'update' phase)
     slot: int | None = None  # while tracing a segment: the value's id in the segment's record list
     const: bool = False  # computed from literals and constants only, not from the arguments
+    # For a non-finite constant value: the ids of the constant-only equations that made it (latent
+    # roots, reported only when the value reaches an output of the function).
+    cprov: frozenset | None = None
 
 
 @dataclasses.dataclass
@@ -472,6 +477,8 @@ def _leaf_count(jaxpr_ref: Any) -> int | None:
             return None
         body = _jax.call_body(eqn)
         if body is not None:
+            if _returns_constant(*body):
+                return None
             inner = _leaf_count(_JaxprKey(body[0]))
             if inner is None:
                 return None
@@ -483,12 +490,22 @@ def _leaf_count(jaxpr_ref: Any) -> int | None:
     return total
 
 
+def _returns_constant(jaxpr: jcore.Jaxpr, consts: Sequence[Any]) -> bool:
+    """True when a body returns a non-finite literal or constant as is: the call is then run eagerly."""
+    values = dict(zip(jaxpr.constvars, consts))
+    for v in jaxpr.outvars:
+        value = v.val if isinstance(v, jcore.Literal) else values.get(v)
+        if value is not None and not _finite(value):
+            return True
+    return False
+
+
 def _eqn_leaves(eqn: Any) -> int | None:
     if eqn.primitive.name in _jax.CONTROL_FLOW:
         return None
     body = _jax.call_body(eqn)
     if body is not None:
-        return _leaf_count(_JaxprKey(body[0]))
+        return None if _returns_constant(*body) else _leaf_count(_JaxprKey(body[0]))
     return None if any(True for _ in jcore.jaxprs_in_params(eqn.params)) else 1
 
 
@@ -537,6 +554,7 @@ class _Interpreter:
         self.allowed_roots: set[int] = set()
         self.num_events = 0
         self.first_nan: Event | None = None
+        self.const_roots: dict[int, Event] = {}  # latent roots: non-finite values made from constants
         self.forward_index: dict[tuple, list[tuple[str, str]]] = {}
 
     # -- jaxpr level --------------------------------------------------------------------------------
@@ -684,6 +702,8 @@ class _Interpreter:
             row += rec.n_flags
             bad = [slot for slot, finite in zip(rec.float_slots, rec_flags) if not finite]
             if rec.const:
+                if bad:
+                    return rec.top  # a non-finite constant: its latent root needs the operand values
                 continue
             if rec.phase == "forward" and rec.frames:
                 forward.append((rec.frames, (rec.primitive, rec.module)))
@@ -747,13 +767,19 @@ class _Interpreter:
         if body is not None:
             sub, consts = body
             n = len(sub.invars)
-            return self.run(sub, consts, invals[len(invals) - n:], inner, list(out_live))
+            outs = self.run(sub, consts, invals[len(invals) - n:], inner, list(out_live))
+            if self.tracing is not None:  # segments never hold such calls (see _returns_constant)
+                return outs
+            return self._const_outputs(eqn, invals, outs, ctx, elements, phase, frames)
         if name == _jax.COND:
             index = int(np.asarray(invals[0].value))
             branches = params["branches"]
             index = min(max(index, 0), len(branches) - 1)  # lax.cond clamps the index the same way
             sub, consts = _jax.open_jaxpr(branches[index])
-            return self.run(sub, consts, invals[1:], inner, list(out_live))
+            outs = self.run(sub, consts, invals[1:], inner, list(out_live))
+            if self.tracing is not None:  # segments never hold such calls (see _returns_constant)
+                return outs
+            return self._const_outputs(eqn, invals, outs, ctx, elements, phase, frames)
         if name == _jax.SCAN:
             return self._scan(eqn, invals, inner, out_live)
         if name == _jax.WHILE:
@@ -813,7 +839,9 @@ class _Interpreter:
                 value = jnp.zeros(y_aval.aval.shape, y_aval.aval.dtype)
             provs = [s.prov for s in parts if s.prov is not None]
             prov = frozenset().union(*provs) if provs else None
-            stacked.append(_Value(value, prov, any(s.grad for s in parts), const=all(s.const for s in parts)))
+            cprovs = [s.cprov for s in parts if s.cprov is not None]
+            stacked.append(_Value(value, prov, any(s.grad for s in parts), const=all(s.const for s in parts),
+                                  cprov=frozenset().union(*cprovs) if cprovs else None))
         return list(carry) + stacked
 
     def _while(self, eqn: Any, invals: list[_Value], ctx: _Context, live: bool) -> list[_Value]:
@@ -824,11 +852,20 @@ class _Interpreter:
         cvals, bvals, carry = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
         i = 0
         while True:
-            ictx = dataclasses.replace(ctx, iterations=ctx.iterations + (("while", i),))
+            ictx = dataclasses.replace(ctx, iterations=ctx.iterations + ((("while", i),)))
             (keep_going,) = self.run(cond, cond_consts, cvals + carry, ictx, [live])
-            if not bool(np.asarray(keep_going.value)):
+            pred = np.asarray(keep_going.value)
+            if not pred.any():
                 return carry
-            carry = self.run(body, body_consts, bvals + carry, ictx, [live] * len(body.outvars))
+            if pred.ndim:
+                # vmap with a batched predicate: XLA runs the body while any lane is running and keeps
+                # the old carry in the finished lanes (the predicate's shape prefixes every carry's).
+                lanes = tuple(int(k) for k in np.flatnonzero(pred.reshape(-1)))
+                ictx = dataclasses.replace(ctx, iterations=ctx.iterations + (("while", i, lanes),))
+                new = self.run(body, body_consts, bvals + carry, ictx, [live] * len(body.outvars))
+                carry = [_select_lanes(pred, n, c) for n, c in zip(new, carry)]
+            else:
+                carry = self.run(body, body_consts, bvals + carry, ictx, [live] * len(body.outvars))
             i += 1
 
     def _leaf(self, eqn: Any, invals: list[_Value], ctx: _Context, elements: tuple[Any, ...], phase: str,
@@ -840,7 +877,11 @@ class _Interpreter:
         if all(a.const for a in invals):
             # Constant folding (e.g. jnp.var's NaN fill value, a broadcast -inf): not an event by
             # itself; an equation mixing it with the arguments' data into a non-finite value is.
-            return [_Value(o, None, grad_out, const=True) for o in outs]
+            # A non-finite constant is a latent root, reported only if it reaches an output.
+            bad = [k for k, o in enumerate(outs) if not _finite(o)]
+            cprov = self._const_prov(eqn, invals, outs, bad, ctx, module, phase, frames) if bad else None
+            return [_Value(o, None, grad_out, const=True, cprov=cprov if k in bad else None)
+                    for k, o in enumerate(outs)]
         if phase == "forward" and frames:
             self.forward_index.setdefault(frames, []).append((eqn.primitive.name, module))
         bad = [k for k, o in enumerate(outs) if not _finite(o)]
@@ -873,6 +914,28 @@ class _Interpreter:
                 self.first_nan = event
         return [_Value(o, prov if k in bad else None, grad_out) for k, o in enumerate(outs)]
 
+    def _const_prov(self, eqn: Any, invals: list[_Value], outs: list[Any], bad: list[int], ctx: _Context,
+                    module: str, phase: str, frames: tuple) -> frozenset:
+        """Latent roots behind a non-finite value computed from constants only (a new one if none)."""
+        earlier = [a.cprov for a in invals if a.cprov is not None]
+        if earlier:
+            return frozenset().union(*earlier)
+        event = self._event(eqn, invals, outs, bad, ctx, module, phase, frames, True)
+        event.cause = "non-finite-constant"
+        self.const_roots[event.index] = event
+        return frozenset({event.index})
+
+    def _const_outputs(self, eqn: Any, invals: list[_Value], outs: list[_Value], ctx: _Context,
+                       elements: tuple[Any, ...], phase: str, frames: tuple) -> list[_Value]:
+        """A call or cond whose body returns a non-finite literal or constant: that equation made it."""
+        bad = [k for k, o in enumerate(outs) if o.const and o.cprov is None and not _finite(o.value)]
+        if not bad:
+            return outs
+        self.counter += 1
+        cprov = self._const_prov(eqn, invals, [o.value for o in outs], bad, ctx, _module_path(elements),
+                                 phase, frames)
+        return [dataclasses.replace(o, cprov=cprov) if k in bad else o for k, o in enumerate(outs)]
+
     def _event(self, eqn: Any, invals: list[_Value], outs: list[Any], bad: list[int], ctx: _Context,
                module: str, phase: str, frames: tuple, root: bool) -> Event:
         inputs = [summarize(a.value) for a in invals]
@@ -886,7 +949,7 @@ class _Interpreter:
         return Event(
             index=self.counter, primitive=eqn.primitive.name, module=module, phase=phase,
             source=_format_frame(frames[0] if frames else None), kind=kind, cause=cause, root=root,
-            iterations=[{"loop": loop, "index": i} for loop, i in ctx.iterations],
+            iterations=[_iteration(it) for it in ctx.iterations],
             forward_primitive=fwd_prim, forward_source=fwd_source, inputs=inputs, outputs=outputs)
 
     def _forward_of(self, frames: tuple, primitive: str, module: str) -> tuple[str, str]:
@@ -908,6 +971,27 @@ class _Interpreter:
         if singular:
             return singular[-1], _format_frame(frames[0])
         return (primitive if primitive in pool else pool[-1]), _format_frame(frames[0])
+
+
+def _iteration(it: tuple) -> dict[str, Any]:
+    """A loop iteration for an event: the loop, the index, and (vmapped while) the running lanes."""
+    out: dict[str, Any] = {"loop": it[0], "index": it[1]}
+    if len(it) > 2:
+        out["lanes"] = list(it[2])
+    return out
+
+
+def _select_lanes(pred: np.ndarray, new: _Value, old: _Value) -> _Value:
+    """The carry after one step of a while loop with a batched predicate: new where running, else old."""
+    mask = jnp.reshape(pred, pred.shape + (1,) * (np.ndim(new.value) - pred.ndim))
+    value = jnp.where(mask, new.value, old.value)
+    kept = [v for v, in_use in ((new, True), (old, not pred.all())) if in_use]
+    prov = [v.prov for v in kept if v.prov is not None]
+    cprov = [v.cprov for v in kept if v.cprov is not None]
+    finite = _finite(value)
+    return _Value(value, frozenset().union(*prov) if prov and not finite else None, new.grad or old.grad,
+                  const=new.const and old.const,
+                  cprov=frozenset().union(*cprov) if cprov and not finite else None)
 
 
 class _JaxprKey:
@@ -1025,11 +1109,24 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
         for cache in (_cached_live, _leaf_count, _segments):
             cache.cache_clear()  # the keys hold this function's jaxprs alive
     reaching = set().union(*[o.prov for o in outs if o.prov is not None]) - interp.allowed_roots
-    origin, cause = _choose_origin(interp.root_events, input_roots, reaching)
-    found = bool(interp.root_events or bad_inputs or interp.num_events)
+    # A non-finite output computed from constants only (a cond branch or a jitted function returning
+    # jnp.nan) is always reported, with the equation that made it.
+    const_reaching = set().union(*[o.cprov for o in outs if o.cprov is not None and not _finite(o.value)])
+    const_events = [interp.const_roots[r] for r in sorted(const_reaching)]
+    events = interp.events
+    if const_events:
+        events = sorted(events + const_events, key=lambda e: e.index)
+        reaching |= const_reaching
+    roots = {**interp.root_events, **{e.index: e for e in const_events}}
+    origin, cause = _choose_origin(roots, input_roots, reaching)
+    literal_out = any(o.const and o.cprov is None and not _finite(o.value) for o in outs)
+    if origin is None and not bad_inputs and literal_out:
+        cause = "non-finite-constant"  # the function returns a NaN/Inf literal: no equation made it
+    first_nan = interp.first_nan or next((e for e in const_events if e.kind == "nan"), None)
+    found = bool(roots or bad_inputs or interp.num_events or literal_out)
     return Report(
-        found=found, cause=cause if found else "none", origin=origin, first_nan=interp.first_nan,
-        bad_inputs=bad_inputs, events=interp.events, num_events=interp.num_events,
+        found=found, cause=cause if found else "none", origin=origin, first_nan=first_nan,
+        bad_inputs=bad_inputs, events=events, num_events=interp.num_events + len(const_events),
         num_equations=interp.counter, seconds=time.perf_counter() - start)
 
 
