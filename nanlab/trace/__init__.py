@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from nanlab.trace import _jax
+from nanlab.trace import _frameworks, _jax
 
 # The cause vocabulary: one word per way a non-finite value is born, with the explanation the report prints.
 CAUSES: dict[str, str] = {
@@ -366,7 +366,7 @@ def _transforms(elements: Sequence[Any]) -> set[str]:
 
 def _module_path(elements: Sequence[Any]) -> str:
     scopes = [e.name for e in elements if _jax.is_scope(e) and e.name not in _NON_MODULE_SCOPES]
-    return "/".join(scopes)
+    return _frameworks.join_scopes(scopes)
 
 
 def _user_frames(source_info: Any) -> tuple[tuple[str, int, str], ...]:
@@ -1085,7 +1085,8 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
     predicate = _allow_predicate(allow)
     start = time.perf_counter()
     target = functools.partial(fn, **kwargs) if kwargs else fn
-    jaxpr, consts = _jax.open_jaxpr(jax.make_jaxpr(target)(*args))
+    with _frameworks.module_scopes():  # NNX and Equinox submodule calls push their paths
+        jaxpr, consts = _jax.open_jaxpr(jax.make_jaxpr(target)(*args))
     leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(args)
     if segment_size == "auto":
         leaves, unique = _signature_counts(jaxpr)
