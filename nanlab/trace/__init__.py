@@ -3,7 +3,9 @@
 `localize(fn, *args)` traces `fn` to a jaxpr, then evaluates that jaxpr eagerly, one equation at a
 time (each primitive's own `bind`), checking every floating output for NaN and Inf. It descends into
 jit, eval_jaxpr (closed_call before jax 0.11.2), custom_jvp, custom_vjp, remat/checkpoint, cond (the
-branch taken), scan and while loops (the iteration is named). The JAX internals it reads are all in
+branch taken), scan and while loops (the iteration is named), and shard_map and pmap (the body is
+replayed for all shards at once, vmapped over the mesh axes so collectives work, and the event names
+the shard: mesh coordinates and device). The JAX internals it reads are all in
 `nanlab/trace/_jax.py`, which handles jax 0.10.2 through 0.12.x. When `fn` takes a gradient inside (a train step), the transposed equations of the
 backward pass are part of the same jaxpr and are replayed too.
 
@@ -30,7 +32,9 @@ from gradient values outside any differentiation, e.g. the optimizer), `source` 
 {'loop': 'scan'|'while', 'index': int} from the outermost loop in; a vmapped while loop whose predicate is
 batched also has 'lanes': the lanes still running at that iteration, each of which is at that same
 iteration, as XLA runs the body while any lane runs and keeps finished lanes' carry), `forward_primitive` and
-`forward_source` (for backward events: the forward equation whose derivative produced it, '' when not
+`shard` (only for events inside a shard_map or pmap body: {'mesh': {axis: index} of the first shard
+holding a non-finite value, 'device': its device id, 'shards': every such shard}; the operand
+summaries are then that shard's blocks), `forward_source` (for backward events: the forward equation whose derivative produced it, '' when not
 found), `inputs` and `outputs` (summaries: shape, dtype, min and max over the finite entries (null when
 there are none), nan, posinf, neginf, zeros).
 
@@ -41,6 +45,7 @@ events, is not reported (intentional -inf attention masks).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -54,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from nanlab.trace import _frameworks, _jax
+from nanlab.trace import _frameworks, _jax, _shards
 
 # The cause vocabulary: one word per way a non-finite value is born, with the explanation the report prints.
 CAUSES: dict[str, str] = {
@@ -215,15 +220,22 @@ class Event:
     forward_source: str = ""
     inputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    shard: dict[str, Any] | None = None  # inside shard_map/pmap only
 
     def to_dict(self) -> dict[str, Any]:
-        """The event as a JSON-ready dict (keys as in the module docstring)."""
-        return dataclasses.asdict(self)
+        """The event as a JSON-ready dict (keys as in the module docstring; 'shard' only inside shard_map)."""
+        d = dataclasses.asdict(self)
+        if d["shard"] is None:
+            del d["shard"]
+        return d
 
     def where(self) -> str:
         """One line: primitive, phase, module, loop iterations and source."""
         loops = "".join(f" {it['loop']} iteration {it['index']}" for it in self.iterations)
         module = self.module or "<top level>"
+        if self.shard is not None:
+            coords = ", ".join(f"{a}={i}" for a, i in self.shard["mesh"].items())
+            loops += f" on shard ({coords}) device {self.shard['device']}"
         text = f"{self.primitive} ({self.phase}) in module '{module}'{loops} at {self.source or '?'}"
         if self.phase == "backward" and self.forward_primitive:
             text += f" — the gradient of {self.forward_primitive}"
@@ -446,6 +458,19 @@ class _Context:
     phase: str = ""  # '' at top level; an enclosing call's phase when it fixes the inner one
     iterations: tuple[tuple[str, int], ...] = ()
     frames: tuple[tuple[str, int, str], ...] = ()
+    shard: _Shard | None = None  # inside a shard_map body: values hold one block per shard
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """A shard_map body being replayed: every shard at once, blocks stacked in leading mesh dimensions."""
+
+    axes: tuple[str, ...]  # the manual mesh axes, in mesh order (one leading dimension each)
+    sizes: tuple[int, ...]
+    params: Any  # the shard_map equation's params (for the mesh's devices)
+
+    def stacked(self, value: Any, aval: Any) -> bool:
+        return np.ndim(value) == len(getattr(aval, "shape", ())) + len(self.axes)
 
 
 @dataclasses.dataclass
@@ -543,6 +568,7 @@ class _Interpreter:
         self.allow = allow
         self.max_events = max_events
         self.segment_size = segment_size
+        self.mesh: Any = None  # the mesh of the function's shard_maps, a context outside their bodies
         self.tracing: list[_Record] | None = None  # the records of the segment being traced, if any
         self.slots = 0
         self.current_top = 0
@@ -571,7 +597,7 @@ class _Interpreter:
         ref = _JaxprKey(jaxpr)
         live = _cached_live(ref, tuple(bool(f) for f in out_live), in_transpose)
         last_use = self._last_use(jaxpr)
-        if self.tracing is not None:  # inside a segment being traced: inline everything
+        if self.tracing is not None or ctx.shard is not None:  # inline everything / shards: eager
             self._eager_range(jaxpr, 0, len(jaxpr.eqns), env, ctx, live, {})
             return [self._read(env, v) for v in jaxpr.outvars]
         for start, end, jittable in _segments(_JaxprKey(jaxpr), self.segment_size):
@@ -760,9 +786,14 @@ class _Interpreter:
         else:
             phase = "forward"
         frames = _user_frames(eqn.source_info) or ctx.frames
-        inner = _Context(elements, phase if phase != "forward" else "", ctx.iterations, frames)
+        inner = _Context(elements, phase if phase != "forward" else "", ctx.iterations, frames, ctx.shard)
         name = eqn.primitive.name
         params = eqn.params
+        if ctx.shard is not None and (name in _jax.CONTROL_FLOW or name == _jax.SHARD_MAP):
+            # Per-shard branches and loops: bound whole for all shards (not descended).
+            return self._leaf(eqn, invals, ctx, elements, phase, frames, grad_in)
+        if name == _jax.SHARD_MAP:
+            return self._shard_map(eqn, invals, inner, out_live)
         body = _jax.call_body(eqn)
         if body is not None:
             sub, consts = body
@@ -871,7 +902,13 @@ class _Interpreter:
     def _leaf(self, eqn: Any, invals: list[_Value], ctx: _Context, elements: tuple[Any, ...], phase: str,
               frames: tuple, grad_in: bool) -> list[_Value]:
         self.counter += 1
-        outs = _jax.bind(eqn, [a.value for a in invals])
+        if ctx.shard is None:
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                outs = _jax.bind(eqn, [a.value for a in invals])
+        else:
+            stacked = [ctx.shard.stacked(a.value, v.aval) for a, v in zip(invals, eqn.invars)]
+            outs = _jax.bind_per_shard(eqn, [a.value for a in invals], stacked, ctx.shard.axes,
+                                       ctx.shard.sizes)
         module = _module_path(elements)
         grad_out = grad_in or phase in ("backward", "update")
         if all(a.const for a in invals):
@@ -936,8 +973,37 @@ class _Interpreter:
                                  phase, frames)
         return [dataclasses.replace(o, cprov=cprov) if k in bad else o for k, o in enumerate(outs)]
 
+    def _shard_map(self, eqn: Any, invals: list[_Value], ctx: _Context, out_live: tuple[bool, ...]) -> list[_Value]:
+        """Replay a shard_map (or pmap) body for all shards at once, each shard's block stacked."""
+        p = eqn.params
+        axes, sizes = _jax.shard_map_axes(p)
+        shard = _Shard(axes, sizes, p)
+        body, consts = _jax.open_jaxpr(p["jaxpr"])
+        blocks = [dataclasses.replace(a, value=_shards.to_shards(a.value, spec, axes, sizes))
+                  for a, spec in zip(invals, p["in_specs"])]
+        outs = self.run(body, consts, blocks, dataclasses.replace(ctx, shard=shard), list(out_live))
+        results = []
+        for o, spec, v, g in zip(outs, p["out_specs"], body.outvars, eqn.outvars):
+            value = _shards.from_shards(o.value, spec, axes, sizes, g.aval, shard.stacked(o.value, v.aval))
+            if getattr(p["mesh"], "devices", None) is not None:
+                # Laid out as shard_map lays out its results, for the equations that follow.
+                value = jax.device_put(value, jax.sharding.NamedSharding(p["mesh"], spec))
+            results.append(dataclasses.replace(o, value=value))
+        return results
+
     def _event(self, eqn: Any, invals: list[_Value], outs: list[Any], bad: list[int], ctx: _Context,
                module: str, phase: str, frames: tuple, root: bool) -> Event:
+        shard_info = None
+        if ctx.shard is not None:
+            # Name the first shard holding a bad value, and summarize that shard's operands.
+            sh = ctx.shard
+            coords = _first_bad_shard(outs[bad[0]], sh)
+            shard_info = {"mesh": dict(zip(sh.axes, coords)),
+                          "device": _jax.shard_map_device(sh.params, dict(zip(sh.axes, coords))),
+                          "shards": [dict(zip(sh.axes, c)) for c in _bad_shards(outs, bad, sh)]}
+            invals = [dataclasses.replace(a, value=np.asarray(a.value)[coords])
+                      if sh.stacked(a.value, v.aval) else a for a, v in zip(invals, eqn.invars)]
+            outs = [np.asarray(o)[coords] if sh.stacked(o, v.aval) else o for o, v in zip(outs, eqn.outvars)]
         inputs = [summarize(a.value) for a in invals]
         outputs = [summarize(o) for o in outs]
         first_bad = outputs[bad[0]]
@@ -950,7 +1016,8 @@ class _Interpreter:
             index=self.counter, primitive=eqn.primitive.name, module=module, phase=phase,
             source=_format_frame(frames[0] if frames else None), kind=kind, cause=cause, root=root,
             iterations=[_iteration(it) for it in ctx.iterations],
-            forward_primitive=fwd_prim, forward_source=fwd_source, inputs=inputs, outputs=outputs)
+            forward_primitive=fwd_prim, forward_source=fwd_source, inputs=inputs, outputs=outputs,
+            shard=shard_info)
 
     def _forward_of(self, frames: tuple, primitive: str, module: str) -> tuple[str, str]:
         """The forward equation at the same user source whose derivative a backward equation computes."""
@@ -971,6 +1038,21 @@ class _Interpreter:
         if singular:
             return singular[-1], _format_frame(frames[0])
         return (primitive if primitive in pool else pool[-1]), _format_frame(frames[0])
+
+
+def _bad_shards(outs: Sequence[Any], bad: Sequence[int], shard: _Shard) -> list[tuple[int, ...]]:
+    found: list[tuple[int, ...]] = []
+    for c in np.ndindex(*shard.sizes):
+        if any(not _finite(np.asarray(outs[k])[c]) for k in bad) and c not in found:
+            found.append(c)
+    return found
+
+
+def _first_bad_shard(out: Any, shard: _Shard) -> tuple[int, ...]:
+    for c in np.ndindex(*shard.sizes):
+        if not _finite(np.asarray(out)[c]):
+            return c
+    return (0,) * len(shard.sizes)
 
 
 def _iteration(it: tuple) -> dict[str, Any]:
@@ -1088,7 +1170,11 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
     with _frameworks.module_scopes():  # NNX and Equinox submodule calls push their paths
         jaxpr, consts = _jax.open_jaxpr(jax.make_jaxpr(target)(*args))
     leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(args)
-    if segment_size == "auto":
+    meshes = _jax.shard_map_meshes(jaxpr)
+    if meshes:
+        # Replayed eagerly, all shards at once (see `_Interpreter._shard_map`).
+        segment_size = 0
+    elif segment_size == "auto":
         leaves, unique = _signature_counts(jaxpr)
         segment_size = 0 if unique < _AUTO_UNIQUE_FRACTION * leaves else _AUTO_SEGMENT_SIZE
     interp = _Interpreter(predicate, max_events, segment_size)
@@ -1104,6 +1190,8 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
         bad_inputs.append(jax.tree_util.keystr(path))
         inputs.append(_Value(leaf, frozenset({key}), False))
     try:
+        # The mesh as a context: equations around an explicitly sharded shard_map (reshard, ...) need it.
+        interp.mesh = meshes[0] if len(meshes) == 1 else None
         with jax.debug_nans(False), jax.debug_infs(False):  # we want the values, not an exception
             outs = interp.run(jaxpr, consts, inputs, _Context(), [True] * len(jaxpr.outvars))
     finally:
