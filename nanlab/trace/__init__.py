@@ -32,11 +32,11 @@ from gradient values outside any differentiation, e.g. the optimizer), `source` 
 {'loop': 'scan'|'while', 'index': int} from the outermost loop in; a vmapped while loop whose predicate is
 batched also has 'lanes': the lanes still running at that iteration, each of which is at that same
 iteration, as XLA runs the body while any lane runs and keeps finished lanes' carry), `forward_primitive` and
-`shard` (only for events inside a shard_map or pmap body: {'mesh': {axis: index} of the first shard
-holding a non-finite value, 'device': its device id, 'shards': every such shard}; the operand
-summaries are then that shard's blocks), `forward_source` (for backward events: the forward equation whose derivative produced it, '' when not
+`forward_source` (for backward events: the forward equation whose derivative produced it, '' when not
 found), `inputs` and `outputs` (summaries: shape, dtype, min and max over the finite entries (null when
-there are none), nan, posinf, neginf, zeros).
+there are none), nan, posinf, neginf, zeros), and `shard`, present only for events inside a shard_map or
+pmap body: {'mesh': {axis: index} of the first shard holding a non-finite value, 'device': its device
+id, 'shards': every such shard}; the operand summaries are then that shard's blocks.
 
 The allow-list (`allow=`) takes a glob pattern over module paths (or a list of them), or a predicate
 `event -> bool`; an allowed event, and any later event whose non-finite inputs all came from allowed
