@@ -3,7 +3,9 @@
 `localize(fn, *args)` traces `fn` to a jaxpr, then evaluates that jaxpr eagerly, one equation at a
 time (each primitive's own `bind`), checking every floating output for NaN and Inf. It descends into
 jit, eval_jaxpr (closed_call before jax 0.11.2), custom_jvp, custom_vjp, remat/checkpoint, cond (the
-branch taken), scan and while loops (the iteration is named). The JAX internals it reads are all in
+branch taken), scan and while loops (the iteration is named), and shard_map and pmap (the body is
+replayed for all shards at once, vmapped over the mesh axes so collectives work, and the event names
+the shard: mesh coordinates and device). The JAX internals it reads are all in
 `nanlab/trace/_jax.py`, which handles jax 0.10.2 through 0.12.x. When `fn` takes a gradient inside (a train step), the transposed equations of the
 backward pass are part of the same jaxpr and are replayed too.
 
@@ -16,7 +18,7 @@ Vocabulary of a `Report` (and of `Report.to_dict()`, JSON; other tools read thes
 | `origin`       | event: the first equation whose output is non-finite while none of its inputs carried a non-finite value from the arguments or an earlier equation — where the trouble was created. Among several such roots, the first whose non-finite value reaches a non-finite output of `fn` wins; if none reaches an output, the first root. `null` when the trouble came in through the arguments (see `bad_inputs`) |
 | `first_nan`    | event: the first equation whose output holds a NaN (often after the origin: log(0) = -inf, then 0 * -inf = NaN) |
 | `bad_inputs`   | list of argument paths (`jax.tree_util.keystr` of the positional-argument tuple, e.g. `[1]['x']`) non-finite on entry |
-| `events`       | list of events: every root and the first `max_events` non-finite equations, in evaluation order |
+| `events`       | list of events: every root and the first `max_events` non-finite equations, in evaluation order. A NaN or Inf computed from constants only is folded (not an event) unless it reaches an output of `fn`; then the equation that made it is a root with cause 'non-finite-constant' (a `cond` branch or `jit` body returning `jnp.nan` is named by that `cond`/`jit`) |
 | `num_events`   | int: all equations with a non-finite output, recorded or not |
 | `num_equations`| int: equations evaluated (loop bodies count once per iteration) |
 | `seconds`      | float: wall time of the localization |
@@ -27,10 +29,14 @@ computation; 'backward': exists only for the gradient — transposed equations a
 coefficients computed during linearization, such as 0.5/sqrt(0); 'update': computed after the gradient
 from gradient values outside any differentiation, e.g. the optimizer), `source` (user file:line
 (function)), `kind` ('nan' or 'inf'), `cause`, `root` (bool: created here), `iterations` (list of
-{'loop': 'scan'|'while', 'index': int} from the outermost loop in), `forward_primitive` and
+{'loop': 'scan'|'while', 'index': int} from the outermost loop in; a vmapped while loop whose predicate is
+batched also has 'lanes': the lanes still running at that iteration, each of which is at that same
+iteration, as XLA runs the body while any lane runs and keeps finished lanes' carry), `forward_primitive` and
 `forward_source` (for backward events: the forward equation whose derivative produced it, '' when not
 found), `inputs` and `outputs` (summaries: shape, dtype, min and max over the finite entries (null when
-there are none), nan, posinf, neginf, zeros).
+there are none), nan, posinf, neginf, zeros), and `shard`, present only for events inside a shard_map or
+pmap body: {'mesh': {axis: index} of the first shard holding a non-finite value, 'device': its device
+id, 'shards': every such shard}; the operand summaries are then that shard's blocks.
 
 The allow-list (`allow=`) takes a glob pattern over module paths (or a list of them), or a predicate
 `event -> bool`; an allowed event, and any later event whose non-finite inputs all came from allowed
@@ -39,6 +45,7 @@ events, is not reported (intentional -inf attention masks).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -52,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from nanlab.trace import _jax
+from nanlab.trace import _frameworks, _jax, _shards
 
 # The cause vocabulary: one word per way a non-finite value is born, with the explanation the report prints.
 CAUSES: dict[str, str] = {
@@ -68,7 +75,7 @@ CAUSES: dict[str, str] = {
     "invalid-power": "pow of a negative base to a non-integer exponent is NaN, 0 to a negative power is inf",
     "domain-error": "a function evaluated outside its domain (acos/asin beyond [-1, 1], atanh beyond (-1, 1), ...)",
     "invalid-operation": "a finite input gave a NaN in a primitive without a more specific rule",
-    "non-finite-constant": "a NaN or Inf written into the program as a constant (e.g. a -inf mask)",
+    "non-finite-constant": "a NaN or Inf written into the program as a constant (e.g. a -inf mask), or computed from constants only",
     "nan-input": "an argument of the function already held a NaN",
     "inf-input": "an argument of the function already held an Inf",
     "propagated": "a non-finite input passed through (not where it was created)",
@@ -213,15 +220,22 @@ class Event:
     forward_source: str = ""
     inputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    shard: dict[str, Any] | None = None  # inside shard_map/pmap only
 
     def to_dict(self) -> dict[str, Any]:
-        """The event as a JSON-ready dict (keys as in the module docstring)."""
-        return dataclasses.asdict(self)
+        """The event as a JSON-ready dict (keys as in the module docstring; 'shard' only inside shard_map)."""
+        d = dataclasses.asdict(self)
+        if d["shard"] is None:
+            del d["shard"]
+        return d
 
     def where(self) -> str:
         """One line: primitive, phase, module, loop iterations and source."""
         loops = "".join(f" {it['loop']} iteration {it['index']}" for it in self.iterations)
         module = self.module or "<top level>"
+        if self.shard is not None:
+            coords = ", ".join(f"{a}={i}" for a, i in self.shard["mesh"].items())
+            loops += f" on shard ({coords}) device {self.shard['device']}"
         text = f"{self.primitive} ({self.phase}) in module '{module}'{loops} at {self.source or '?'}"
         if self.phase == "backward" and self.forward_primitive:
             text += f" — the gradient of {self.forward_primitive}"
@@ -364,7 +378,7 @@ def _transforms(elements: Sequence[Any]) -> set[str]:
 
 def _module_path(elements: Sequence[Any]) -> str:
     scopes = [e.name for e in elements if _jax.is_scope(e) and e.name not in _NON_MODULE_SCOPES]
-    return "/".join(scopes)
+    return _frameworks.join_scopes(scopes)
 
 
 def _user_frames(source_info: Any) -> tuple[tuple[str, int, str], ...]:
@@ -431,6 +445,9 @@ class _Value:
     grad: bool  # derived from gradient values (for the 'update' phase)
     slot: int | None = None  # while tracing a segment: the value's id in the segment's record list
     const: bool = False  # computed from literals and constants only, not from the arguments
+    # For a non-finite constant value: the ids of the constant-only equations that made it (latent
+    # roots, reported only when the value reaches an output of the function).
+    cprov: frozenset | None = None
 
 
 @dataclasses.dataclass
@@ -441,6 +458,19 @@ class _Context:
     phase: str = ""  # '' at top level; an enclosing call's phase when it fixes the inner one
     iterations: tuple[tuple[str, int], ...] = ()
     frames: tuple[tuple[str, int, str], ...] = ()
+    shard: _Shard | None = None  # inside a shard_map body: values hold one block per shard
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """A shard_map body being replayed: every shard at once, blocks stacked in leading mesh dimensions."""
+
+    axes: tuple[str, ...]  # the manual mesh axes, in mesh order (one leading dimension each)
+    sizes: tuple[int, ...]
+    params: Any  # the shard_map equation's params (for the mesh's devices)
+
+    def stacked(self, value: Any, aval: Any) -> bool:
+        return np.ndim(value) == len(getattr(aval, "shape", ())) + len(self.axes)
 
 
 @dataclasses.dataclass
@@ -472,6 +502,8 @@ def _leaf_count(jaxpr_ref: Any) -> int | None:
             return None
         body = _jax.call_body(eqn)
         if body is not None:
+            if _returns_constant(*body):
+                return None
             inner = _leaf_count(_JaxprKey(body[0]))
             if inner is None:
                 return None
@@ -483,12 +515,22 @@ def _leaf_count(jaxpr_ref: Any) -> int | None:
     return total
 
 
+def _returns_constant(jaxpr: jcore.Jaxpr, consts: Sequence[Any]) -> bool:
+    """True when a body returns a non-finite literal or constant as is: the call is then run eagerly."""
+    values = dict(zip(jaxpr.constvars, consts))
+    for v in jaxpr.outvars:
+        value = v.val if isinstance(v, jcore.Literal) else values.get(v)
+        if value is not None and not _finite(value):
+            return True
+    return False
+
+
 def _eqn_leaves(eqn: Any) -> int | None:
     if eqn.primitive.name in _jax.CONTROL_FLOW:
         return None
     body = _jax.call_body(eqn)
     if body is not None:
-        return _leaf_count(_JaxprKey(body[0]))
+        return None if _returns_constant(*body) else _leaf_count(_JaxprKey(body[0]))
     return None if any(True for _ in jcore.jaxprs_in_params(eqn.params)) else 1
 
 
@@ -526,6 +568,7 @@ class _Interpreter:
         self.allow = allow
         self.max_events = max_events
         self.segment_size = segment_size
+        self.mesh: Any = None  # the mesh of the function's shard_maps, a context outside their bodies
         self.tracing: list[_Record] | None = None  # the records of the segment being traced, if any
         self.slots = 0
         self.current_top = 0
@@ -537,6 +580,7 @@ class _Interpreter:
         self.allowed_roots: set[int] = set()
         self.num_events = 0
         self.first_nan: Event | None = None
+        self.const_roots: dict[int, Event] = {}  # latent roots: non-finite values made from constants
         self.forward_index: dict[tuple, list[tuple[str, str]]] = {}
 
     # -- jaxpr level --------------------------------------------------------------------------------
@@ -553,7 +597,7 @@ class _Interpreter:
         ref = _JaxprKey(jaxpr)
         live = _cached_live(ref, tuple(bool(f) for f in out_live), in_transpose)
         last_use = self._last_use(jaxpr)
-        if self.tracing is not None:  # inside a segment being traced: inline everything
+        if self.tracing is not None or ctx.shard is not None:  # inline everything / shards: eager
             self._eager_range(jaxpr, 0, len(jaxpr.eqns), env, ctx, live, {})
             return [self._read(env, v) for v in jaxpr.outvars]
         for start, end, jittable in _segments(_JaxprKey(jaxpr), self.segment_size):
@@ -684,6 +728,8 @@ class _Interpreter:
             row += rec.n_flags
             bad = [slot for slot, finite in zip(rec.float_slots, rec_flags) if not finite]
             if rec.const:
+                if bad:
+                    return rec.top  # a non-finite constant: its latent root needs the operand values
                 continue
             if rec.phase == "forward" and rec.frames:
                 forward.append((rec.frames, (rec.primitive, rec.module)))
@@ -740,20 +786,31 @@ class _Interpreter:
         else:
             phase = "forward"
         frames = _user_frames(eqn.source_info) or ctx.frames
-        inner = _Context(elements, phase if phase != "forward" else "", ctx.iterations, frames)
+        inner = _Context(elements, phase if phase != "forward" else "", ctx.iterations, frames, ctx.shard)
         name = eqn.primitive.name
         params = eqn.params
+        if ctx.shard is not None and (name in _jax.CONTROL_FLOW or name == _jax.SHARD_MAP):
+            # Per-shard branches and loops: bound whole for all shards (not descended).
+            return self._leaf(eqn, invals, ctx, elements, phase, frames, grad_in)
+        if name == _jax.SHARD_MAP:
+            return self._shard_map(eqn, invals, inner, out_live)
         body = _jax.call_body(eqn)
         if body is not None:
             sub, consts = body
             n = len(sub.invars)
-            return self.run(sub, consts, invals[len(invals) - n:], inner, list(out_live))
+            outs = self.run(sub, consts, invals[len(invals) - n:], inner, list(out_live))
+            if self.tracing is not None:  # segments never hold such calls (see _returns_constant)
+                return outs
+            return self._const_outputs(eqn, invals, outs, ctx, elements, phase, frames)
         if name == _jax.COND:
             index = int(np.asarray(invals[0].value))
             branches = params["branches"]
             index = min(max(index, 0), len(branches) - 1)  # lax.cond clamps the index the same way
             sub, consts = _jax.open_jaxpr(branches[index])
-            return self.run(sub, consts, invals[1:], inner, list(out_live))
+            outs = self.run(sub, consts, invals[1:], inner, list(out_live))
+            if self.tracing is not None:  # segments never hold such calls (see _returns_constant)
+                return outs
+            return self._const_outputs(eqn, invals, outs, ctx, elements, phase, frames)
         if name == _jax.SCAN:
             return self._scan(eqn, invals, inner, out_live)
         if name == _jax.WHILE:
@@ -813,7 +870,9 @@ class _Interpreter:
                 value = jnp.zeros(y_aval.aval.shape, y_aval.aval.dtype)
             provs = [s.prov for s in parts if s.prov is not None]
             prov = frozenset().union(*provs) if provs else None
-            stacked.append(_Value(value, prov, any(s.grad for s in parts), const=all(s.const for s in parts)))
+            cprovs = [s.cprov for s in parts if s.cprov is not None]
+            stacked.append(_Value(value, prov, any(s.grad for s in parts), const=all(s.const for s in parts),
+                                  cprov=frozenset().union(*cprovs) if cprovs else None))
         return list(carry) + stacked
 
     def _while(self, eqn: Any, invals: list[_Value], ctx: _Context, live: bool) -> list[_Value]:
@@ -824,23 +883,42 @@ class _Interpreter:
         cvals, bvals, carry = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
         i = 0
         while True:
-            ictx = dataclasses.replace(ctx, iterations=ctx.iterations + (("while", i),))
+            ictx = dataclasses.replace(ctx, iterations=ctx.iterations + ((("while", i),)))
             (keep_going,) = self.run(cond, cond_consts, cvals + carry, ictx, [live])
-            if not bool(np.asarray(keep_going.value)):
+            pred = np.asarray(keep_going.value)
+            if not pred.any():
                 return carry
-            carry = self.run(body, body_consts, bvals + carry, ictx, [live] * len(body.outvars))
+            if pred.ndim:
+                # vmap with a batched predicate: XLA runs the body while any lane is running and keeps
+                # the old carry in the finished lanes (the predicate's shape prefixes every carry's).
+                lanes = tuple(int(k) for k in np.flatnonzero(pred.reshape(-1)))
+                ictx = dataclasses.replace(ctx, iterations=ctx.iterations + (("while", i, lanes),))
+                new = self.run(body, body_consts, bvals + carry, ictx, [live] * len(body.outvars))
+                carry = [_select_lanes(pred, n, c) for n, c in zip(new, carry)]
+            else:
+                carry = self.run(body, body_consts, bvals + carry, ictx, [live] * len(body.outvars))
             i += 1
 
     def _leaf(self, eqn: Any, invals: list[_Value], ctx: _Context, elements: tuple[Any, ...], phase: str,
               frames: tuple, grad_in: bool) -> list[_Value]:
         self.counter += 1
-        outs = _jax.bind(eqn, [a.value for a in invals])
+        if ctx.shard is None:
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                outs = _jax.bind(eqn, [a.value for a in invals])
+        else:
+            stacked = [ctx.shard.stacked(a.value, v.aval) for a, v in zip(invals, eqn.invars)]
+            outs = _jax.bind_per_shard(eqn, [a.value for a in invals], stacked, ctx.shard.axes,
+                                       ctx.shard.sizes)
         module = _module_path(elements)
         grad_out = grad_in or phase in ("backward", "update")
         if all(a.const for a in invals):
             # Constant folding (e.g. jnp.var's NaN fill value, a broadcast -inf): not an event by
             # itself; an equation mixing it with the arguments' data into a non-finite value is.
-            return [_Value(o, None, grad_out, const=True) for o in outs]
+            # A non-finite constant is a latent root, reported only if it reaches an output.
+            bad = [k for k, o in enumerate(outs) if not _finite(o)]
+            cprov = self._const_prov(eqn, invals, outs, bad, ctx, module, phase, frames) if bad else None
+            return [_Value(o, None, grad_out, const=True, cprov=cprov if k in bad else None)
+                    for k, o in enumerate(outs)]
         if phase == "forward" and frames:
             self.forward_index.setdefault(frames, []).append((eqn.primitive.name, module))
         bad = [k for k, o in enumerate(outs) if not _finite(o)]
@@ -873,8 +951,59 @@ class _Interpreter:
                 self.first_nan = event
         return [_Value(o, prov if k in bad else None, grad_out) for k, o in enumerate(outs)]
 
+    def _const_prov(self, eqn: Any, invals: list[_Value], outs: list[Any], bad: list[int], ctx: _Context,
+                    module: str, phase: str, frames: tuple) -> frozenset:
+        """Latent roots behind a non-finite value computed from constants only (a new one if none)."""
+        earlier = [a.cprov for a in invals if a.cprov is not None]
+        if earlier:
+            return frozenset().union(*earlier)
+        event = self._event(eqn, invals, outs, bad, ctx, module, phase, frames, True)
+        event.cause = "non-finite-constant"
+        self.const_roots[event.index] = event
+        return frozenset({event.index})
+
+    def _const_outputs(self, eqn: Any, invals: list[_Value], outs: list[_Value], ctx: _Context,
+                       elements: tuple[Any, ...], phase: str, frames: tuple) -> list[_Value]:
+        """A call or cond whose body returns a non-finite literal or constant: that equation made it."""
+        bad = [k for k, o in enumerate(outs) if o.const and o.cprov is None and not _finite(o.value)]
+        if not bad:
+            return outs
+        self.counter += 1
+        cprov = self._const_prov(eqn, invals, [o.value for o in outs], bad, ctx, _module_path(elements),
+                                 phase, frames)
+        return [dataclasses.replace(o, cprov=cprov) if k in bad else o for k, o in enumerate(outs)]
+
+    def _shard_map(self, eqn: Any, invals: list[_Value], ctx: _Context, out_live: tuple[bool, ...]) -> list[_Value]:
+        """Replay a shard_map (or pmap) body for all shards at once, each shard's block stacked."""
+        p = eqn.params
+        axes, sizes = _jax.shard_map_axes(p)
+        shard = _Shard(axes, sizes, p)
+        body, consts = _jax.open_jaxpr(p["jaxpr"])
+        blocks = [dataclasses.replace(a, value=_shards.to_shards(a.value, spec, axes, sizes))
+                  for a, spec in zip(invals, p["in_specs"])]
+        outs = self.run(body, consts, blocks, dataclasses.replace(ctx, shard=shard), list(out_live))
+        results = []
+        for o, spec, v, g in zip(outs, p["out_specs"], body.outvars, eqn.outvars):
+            value = _shards.from_shards(o.value, spec, axes, sizes, g.aval, shard.stacked(o.value, v.aval))
+            if getattr(p["mesh"], "devices", None) is not None:
+                # Laid out as shard_map lays out its results, for the equations that follow.
+                value = jax.device_put(value, jax.sharding.NamedSharding(p["mesh"], spec))
+            results.append(dataclasses.replace(o, value=value))
+        return results
+
     def _event(self, eqn: Any, invals: list[_Value], outs: list[Any], bad: list[int], ctx: _Context,
                module: str, phase: str, frames: tuple, root: bool) -> Event:
+        shard_info = None
+        if ctx.shard is not None:
+            # Name the first shard holding a bad value, and summarize that shard's operands.
+            sh = ctx.shard
+            coords = _first_bad_shard(outs[bad[0]], sh)
+            shard_info = {"mesh": dict(zip(sh.axes, coords)),
+                          "device": _jax.shard_map_device(sh.params, dict(zip(sh.axes, coords))),
+                          "shards": [dict(zip(sh.axes, c)) for c in _bad_shards(outs, bad, sh)]}
+            invals = [dataclasses.replace(a, value=np.asarray(a.value)[coords])
+                      if sh.stacked(a.value, v.aval) else a for a, v in zip(invals, eqn.invars)]
+            outs = [np.asarray(o)[coords] if sh.stacked(o, v.aval) else o for o, v in zip(outs, eqn.outvars)]
         inputs = [summarize(a.value) for a in invals]
         outputs = [summarize(o) for o in outs]
         first_bad = outputs[bad[0]]
@@ -886,8 +1015,9 @@ class _Interpreter:
         return Event(
             index=self.counter, primitive=eqn.primitive.name, module=module, phase=phase,
             source=_format_frame(frames[0] if frames else None), kind=kind, cause=cause, root=root,
-            iterations=[{"loop": loop, "index": i} for loop, i in ctx.iterations],
-            forward_primitive=fwd_prim, forward_source=fwd_source, inputs=inputs, outputs=outputs)
+            iterations=[_iteration(it) for it in ctx.iterations],
+            forward_primitive=fwd_prim, forward_source=fwd_source, inputs=inputs, outputs=outputs,
+            shard=shard_info)
 
     def _forward_of(self, frames: tuple, primitive: str, module: str) -> tuple[str, str]:
         """The forward equation at the same user source whose derivative a backward equation computes."""
@@ -908,6 +1038,42 @@ class _Interpreter:
         if singular:
             return singular[-1], _format_frame(frames[0])
         return (primitive if primitive in pool else pool[-1]), _format_frame(frames[0])
+
+
+def _bad_shards(outs: Sequence[Any], bad: Sequence[int], shard: _Shard) -> list[tuple[int, ...]]:
+    found: list[tuple[int, ...]] = []
+    for c in np.ndindex(*shard.sizes):
+        if any(not _finite(np.asarray(outs[k])[c]) for k in bad) and c not in found:
+            found.append(c)
+    return found
+
+
+def _first_bad_shard(out: Any, shard: _Shard) -> tuple[int, ...]:
+    for c in np.ndindex(*shard.sizes):
+        if not _finite(np.asarray(out)[c]):
+            return c
+    return (0,) * len(shard.sizes)
+
+
+def _iteration(it: tuple) -> dict[str, Any]:
+    """A loop iteration for an event: the loop, the index, and (vmapped while) the running lanes."""
+    out: dict[str, Any] = {"loop": it[0], "index": it[1]}
+    if len(it) > 2:
+        out["lanes"] = list(it[2])
+    return out
+
+
+def _select_lanes(pred: np.ndarray, new: _Value, old: _Value) -> _Value:
+    """The carry after one step of a while loop with a batched predicate: new where running, else old."""
+    mask = jnp.reshape(pred, pred.shape + (1,) * (np.ndim(new.value) - pred.ndim))
+    value = jnp.where(mask, new.value, old.value)
+    kept = [v for v, in_use in ((new, True), (old, not pred.all())) if in_use]
+    prov = [v.prov for v in kept if v.prov is not None]
+    cprov = [v.cprov for v in kept if v.cprov is not None]
+    finite = _finite(value)
+    return _Value(value, frozenset().union(*prov) if prov and not finite else None, new.grad or old.grad,
+                  const=new.const and old.const,
+                  cprov=frozenset().union(*cprov) if cprov and not finite else None)
 
 
 class _JaxprKey:
@@ -1001,9 +1167,14 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
     predicate = _allow_predicate(allow)
     start = time.perf_counter()
     target = functools.partial(fn, **kwargs) if kwargs else fn
-    jaxpr, consts = _jax.open_jaxpr(jax.make_jaxpr(target)(*args))
+    with _frameworks.module_scopes():  # NNX and Equinox submodule calls push their paths
+        jaxpr, consts = _jax.open_jaxpr(jax.make_jaxpr(target)(*args))
     leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(args)
-    if segment_size == "auto":
+    meshes = _jax.shard_map_meshes(jaxpr)
+    if meshes:
+        # Replayed eagerly, all shards at once (see `_Interpreter._shard_map`).
+        segment_size = 0
+    elif segment_size == "auto":
         leaves, unique = _signature_counts(jaxpr)
         segment_size = 0 if unique < _AUTO_UNIQUE_FRACTION * leaves else _AUTO_SEGMENT_SIZE
     interp = _Interpreter(predicate, max_events, segment_size)
@@ -1019,17 +1190,32 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
         bad_inputs.append(jax.tree_util.keystr(path))
         inputs.append(_Value(leaf, frozenset({key}), False))
     try:
+        # The mesh as a context: equations around an explicitly sharded shard_map (reshard, ...) need it.
+        interp.mesh = meshes[0] if len(meshes) == 1 else None
         with jax.debug_nans(False), jax.debug_infs(False):  # we want the values, not an exception
             outs = interp.run(jaxpr, consts, inputs, _Context(), [True] * len(jaxpr.outvars))
     finally:
         for cache in (_cached_live, _leaf_count, _segments):
             cache.cache_clear()  # the keys hold this function's jaxprs alive
     reaching = set().union(*[o.prov for o in outs if o.prov is not None]) - interp.allowed_roots
-    origin, cause = _choose_origin(interp.root_events, input_roots, reaching)
-    found = bool(interp.root_events or bad_inputs or interp.num_events)
+    # A non-finite output computed from constants only (a cond branch or a jitted function returning
+    # jnp.nan) is always reported, with the equation that made it.
+    const_reaching = set().union(*[o.cprov for o in outs if o.cprov is not None and not _finite(o.value)])
+    const_events = [interp.const_roots[r] for r in sorted(const_reaching)]
+    events = interp.events
+    if const_events:
+        events = sorted(events + const_events, key=lambda e: e.index)
+        reaching |= const_reaching
+    roots = {**interp.root_events, **{e.index: e for e in const_events}}
+    origin, cause = _choose_origin(roots, input_roots, reaching)
+    literal_out = any(o.const and o.cprov is None and not _finite(o.value) for o in outs)
+    if origin is None and not bad_inputs and literal_out:
+        cause = "non-finite-constant"  # the function returns a NaN/Inf literal: no equation made it
+    first_nan = interp.first_nan or next((e for e in const_events if e.kind == "nan"), None)
+    found = bool(roots or bad_inputs or interp.num_events or literal_out)
     return Report(
-        found=found, cause=cause if found else "none", origin=origin, first_nan=interp.first_nan,
-        bad_inputs=bad_inputs, events=interp.events, num_events=interp.num_events,
+        found=found, cause=cause if found else "none", origin=origin, first_nan=first_nan,
+        bad_inputs=bad_inputs, events=events, num_events=interp.num_events + len(const_events),
         num_equations=interp.counter, seconds=time.perf_counter() - start)
 
 

@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 from jax.extend import core as jcore
 from jax.extend.core import primitives as _prims
 
@@ -97,3 +98,79 @@ def bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
     with manager if manager is not None else contextlib.nullcontext():
         raw = eqn.primitive.bind(*values, **params)
     return list(raw) if eqn.primitive.multiple_results else [raw]
+
+
+# ------------------------------------------------------------------------------------------ shard_map
+# jax.pmap traces to jit(shard_map) since jax 0.10, so shard_map covers both. Params (0.10.2-0.12):
+# jaxpr, mesh, in_specs, out_specs (one PartitionSpec per operand/result), check_vma (check_rep
+# before jax 0.6), newly_manual_axes (the mesh axes the body sees per shard; older: axis_names).
+SHARD_MAP = "shard_map"
+# Casts that only change the varying-manual-axes type of a value: identities on a shard's data.
+VMA_CASTS = frozenset({"pvary", "pcast"})
+
+
+def shard_map_meshes(jaxpr: jcore.Jaxpr) -> list[Any]:
+    """The distinct concrete meshes of the shard_map equations anywhere in a jaxpr."""
+    meshes: list[Any] = []
+    stack = [jaxpr]
+    while stack:
+        for eqn in stack.pop().eqns:
+            mesh = eqn.params.get("mesh") if eqn.primitive.name == SHARD_MAP else None
+            if mesh is not None and getattr(mesh, "devices", None) is not None and mesh not in meshes:
+                meshes.append(mesh)
+            stack.extend(open_jaxpr(j)[0] for j in jcore.jaxprs_in_params(eqn.params))
+    return meshes
+
+
+def shard_map_axes(params: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(the manual mesh axes in mesh order, their sizes) of a shard_map equation."""
+    mesh = params["mesh"]
+    manual = params.get("newly_manual_axes", params.get("axis_names"))
+    names = tuple(a for a in mesh.axis_names if manual is None or a in manual)
+    return names, tuple(int(mesh.shape[a]) for a in names)
+
+
+def shard_map_device(params: Mapping[str, Any], coords: Mapping[str, int]) -> int | None:
+    """The id of the device at these mesh coordinates (other axes at 0); None for an abstract mesh."""
+    mesh = params["mesh"]
+    devices = getattr(mesh, "devices", None)
+    if devices is None:
+        return None
+    index = tuple(coords.get(a, 0) for a in mesh.axis_names)
+    return int(devices[index].id)
+
+
+def spec_axes(spec: Any, ndim: int) -> list[tuple[str, ...]]:
+    """Per array dimension, the mesh axes a PartitionSpec splits it over (major first)."""
+    entries = list(tuple(spec)) if spec is not None else []
+    entries += [None] * (ndim - len(entries))
+    out = []
+    for e in entries[:ndim]:
+        if e is None:
+            out.append(())
+        elif isinstance(e, str):
+            out.append((e,))
+        else:
+            out.append(tuple(e))
+    return out
+
+
+def bind_per_shard(eqn: Any, values: Sequence[Any], stacked: Sequence[bool], axes: Sequence[str],
+                   sizes: Sequence[int]) -> list[Any]:
+    """Apply a shard_map body's equation to every shard at once: vmap over the leading mesh axes.
+
+    Stacked values hold one block per shard in leading dimensions (one per manual mesh axis, in mesh
+    order); collectives (psum, all_gather, axis_index, ...) see the mesh axis names through vmap's
+    `axis_name`. Outputs are stacked the same way.
+    """
+    if eqn.primitive.name in VMA_CASTS:
+        return list(values) if eqn.primitive.multiple_results else [values[0]]
+    fn = lambda *vals: tuple(bind(eqn, vals))  # noqa: E731
+    for name, size in reversed(list(zip(axes, sizes))):
+        fn = _vmap_axis(fn, stacked, name, size)
+    return list(fn(*values))
+
+
+def _vmap_axis(fn: Any, stacked: Sequence[bool], name: str, size: int) -> Any:
+    in_axes = tuple(0 if s else None for s in stacked)
+    return jax.vmap(fn, in_axes=in_axes, out_axes=0, axis_name=name, axis_size=size)
