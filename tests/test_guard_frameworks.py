@@ -9,8 +9,9 @@ two planted faults that fire only on a chosen batch:
 
 Each test asserts the failing call's index, that the state the error carries is exactly the state
 after the calls before it (computed by a plain jitted loop: the replay is exact although the state
-was donated), and what the report says: primitive, phase, cause, source function, and, for linen,
-the module path. NNX and Equinox module paths come with the localizer's issue #14.
+was donated), and what the report says: primitive, phase, cause, source function, and the module
+path as the user wrote it (linen's `LinenNet/risky`, NNX's attribute path and Equinox's pytree path
+`risky`).
 """
 
 import equinox as eqx
@@ -181,7 +182,7 @@ def test_nnx_loop(plant):
     expected = state_after(train_step, state, batches[:FAILING_CALL])  # before the guard donates `state`
     error = run_guarded(train_step, state, batches)
     assert_origin(error, plant, "NNXRisky.__call__")
-    # After #14: assert error.report.origin.module names 'risky' (today NNX gives no module path).
+    assert error.report.origin.module == "risky"  # NNX: the attribute path from the top module
     assert_same_tree(error.inputs[0], expected)
     assert_report_inputs(error, batches)
 
@@ -246,7 +247,7 @@ def test_equinox_loop(plant):
     expected = state_after(train_step, state, batches[:FAILING_CALL])  # before the guard donates `state`
     error = run_guarded(train_step, state, batches)
     assert_origin(error, plant, "EqxRisky.__call__")
-    # After #14: assert error.report.origin.module names 'risky' (today Equinox gives no module path).
+    assert error.report.origin.module == "risky"  # Equinox: the pytree path from the top module
     assert_same_tree(error.inputs[0], expected)
     assert_report_inputs(error, batches)
 

@@ -1166,7 +1166,12 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
         raise ValueError(f"segment_size must be 'auto' or a non-negative int, got {segment_size!r}")
     predicate = _allow_predicate(allow)
     start = time.perf_counter()
-    target = functools.partial(fn, **kwargs) if kwargs else fn
+
+    def target(*positional: Any) -> Any:
+        # A fresh function object per call: JAX caches traces by function, and a trace cached
+        # earlier (the user's own jit of `fn`) ran without the module scopes pushed below.
+        return fn(*positional, **kwargs)
+
     with _frameworks.module_scopes():  # NNX and Equinox submodule calls push their paths
         jaxpr, consts = _jax.open_jaxpr(jax.make_jaxpr(target)(*args))
     leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(args)

@@ -16,7 +16,10 @@ submodule used through another method (`self.encoder.encode(x)`) is named after 
 module called through `__call__`. The classes are restored when tracing ends, also on error.
 
 Cost: the wrapper runs once per module call while tracing (not per equation, and never in the
-replay): a dictionary lookup in the parent's attributes and one name-stack push.
+replay): a dictionary lookup in the parent's attributes and one name-stack push. When it wraps
+anything, JAX's in-memory trace and compilation caches are cleared first, so that a step jitted
+before (its trace cached without the scopes) is traced again; the user's jitted functions then
+compile once more on their next call.
 """
 
 from __future__ import annotations
@@ -121,6 +124,11 @@ def module_scopes() -> Iterator[None]:
                     continue
                 type.__setattr__(cls, "__call__", _wrap(framework, call, calls))
                 patched.append((cls, call))
+        if patched:
+            # JAX reuses a jitted function's cached trace, which ran no Python and so pushed no
+            # scopes (an eqx.filter_jit or nnx.jit step traced before the failure): drop them. Later
+            # calls compile again once (or load from the persistent compilation cache).
+            jax.clear_caches()
         yield
     finally:
         for cls, call in reversed(patched):
