@@ -251,6 +251,13 @@ class ArrayRecordSource:
 # --------------------------------------------------------------------------------------------
 
 
+def _npy_header(raw) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy array starting at the file's position."""
+    if np.lib.format.read_magic(raw) == (1, 0):
+        return np.lib.format.read_array_header_1_0(raw)
+    return np.lib.format.read_array_header_2_0(raw)
+
+
 def _npy_member(archive: zipfile.ZipFile, path: Path, key: str) -> tuple[Path, int, tuple, np.dtype, Any]:
     """Locates ``key.npy`` inside an .npz for memory mapping.
 
@@ -270,8 +277,7 @@ def _npy_member(archive: zipfile.ZipFile, path: Path, key: str) -> tuple[Path, i
                 raise DataError(f"{path}: corrupt zip member {key}.npy")
             name_length, extra_length = struct.unpack("<HH", local[26:30])
             raw.seek(info.header_offset + 30 + name_length + extra_length)
-            version = np.lib.format.read_magic(raw)
-            shape, fortran, dtype = np.lib.format._read_array_header(raw, version)
+            shape, fortran, dtype = _npy_header(raw)
             offset, file = raw.tell(), path
     else:
         handle, name = tempfile.mkstemp(suffix=".npy", prefix="nanlab-npz-")
@@ -280,8 +286,7 @@ def _npy_member(archive: zipfile.ZipFile, path: Path, key: str) -> tuple[Path, i
             shutil.copyfileobj(member, out, 1 << 20)
         cleanup = file
         with open(file, "rb") as raw:
-            version = np.lib.format.read_magic(raw)
-            shape, fortran, dtype = np.lib.format._read_array_header(raw, version)
+            shape, fortran, dtype = _npy_header(raw)
             offset = raw.tell()
     if fortran:
         raise DataError(f"{path}: {key} is stored in Fortran order; save a C-ordered array")
