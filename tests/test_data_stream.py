@@ -494,3 +494,67 @@ def test_loader_memory_stays_flat_as_the_folder_grows(tmp_path):
     assert memory_large - memory_small > 200, (memory_small, memory_large)
     # ...and the streamed loader's stays flat: well under one tenth of that growth.
     assert stream_large - stream_small < 20, (stream_small, stream_large)
+
+
+_UNDER_LIMIT = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np
+    import jax, jax.numpy as jnp
+    from nanlab import data, streaming
+
+    UNIT = {"mode": "unit", "min": 0.0, "max": 255.0}
+
+    def vm_data():  # private data + anonymous mappings: what RLIMIT_DATA counts (Linux >= 4.7)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+
+    @jax.jit
+    def sgd(w, x, y):  # logistic regression on mean colours, normalized from uint8 in the step
+        def loss(w):
+            logits = jnp.mean(streaming.normalize_on_device(x, "unit", UNIT), axis=(1, 2)) @ w
+            return jnp.mean(jnp.logaddexp(0.0, logits) - y * logits)
+        value, grad = jax.value_and_grad(loss)(w)
+        return w - 0.5 * grad, value
+
+    if __name__ == "__main__":
+        mode, root, size, headroom_mib = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        w = jnp.zeros((3, 1))
+        sgd(w, np.zeros((8, size, size, 3), np.uint8), np.zeros((8, 1), np.float32))  # compiled before
+        limit = vm_data() + headroom_mib * 2**20
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+        try:
+            if mode == "memory":
+                data.load_dataset(root, size, seed=0)
+                print("loaded")
+            else:
+                pipeline = streaming.open_stream(root, size, seed=0, batch_size=8, workers=1)
+                losses = []
+                with pipeline.batches(0) as batches:
+                    for _ in range(pipeline.steps_per_epoch):
+                        w, value = sgd(w, *next(batches))
+                        losses.append(float(value))
+                print("trained", len(losses), int(np.isfinite(losses).all()))
+        except (MemoryError, data.DataError) as error:
+            print("out of memory" if "MemoryError" in f"{type(error).__name__} {error}" else f"failed {error}")
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or sys.platform != "linux",
+                    reason="RLIMIT_DATA on anonymous mappings and /proc/self/status (Linux)")
+def test_a_dataset_bigger_than_an_in_memory_load_would_hold_still_trains(tmp_path):
+    root = _make_folder(tmp_path / "big", per_class=300, modes=False)  # 600 images
+    script = tmp_path / "limit.py"
+    script.write_text(_UNDER_LIMIT)
+    # 300 MiB above the process's data after start-up; the in-memory load needs 600 x 299 x 299 x 3
+    # float32 = 643 MiB for its array alone.
+    outputs = {}
+    for mode in ("memory", "stream"):
+        result = subprocess.run([sys.executable, str(script), mode, str(root), "299", "300"], capture_output=True,
+                                text=True, env=_env(), timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[mode] = result.stdout.strip()
+    assert outputs["memory"] == "out of memory"
+    assert outputs["stream"] == "trained 60 1"  # a whole epoch, 480 training images, finite losses

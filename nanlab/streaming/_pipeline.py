@@ -66,6 +66,22 @@ def epoch_order(num_train: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, 3, epoch]).permutation(num_train)
 
 
+def _close(iterator) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+def _detached(array: np.ndarray) -> np.ndarray:
+    """A plain array of the batch's values.
+
+    From worker processes Grain hands over arrays in shared memory, freed when the array is
+    collected; a copy (a few ms per batch, far below decoding) frees the block at once, so none
+    is left for the interpreter's shutdown, where freeing it fails noisily.
+    """
+    return np.array(array, copy=True) if type(array) is not np.ndarray else array
+
+
 def _zeros(source) -> np.ndarray:
     return np.zeros(source.image_shape, source.image_dtype)
 
@@ -164,6 +180,8 @@ class BatchIterator:
         return self
 
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._iterator is None:
+            raise StopIteration
         batch = next(self._iterator)
         out = self._pipeline._accept(batch)
         self.step += 1
@@ -174,9 +192,10 @@ class BatchIterator:
         return self._pipeline.state(self.step)
 
     def close(self) -> None:
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
+        """Stops the workers and drops Grain's iterator (collected now, not at interpreter exit,
+        where its own cleanup fails noisily)."""
+        iterator, self._iterator = self._iterator, None
+        _close(iterator)
 
     def __enter__(self) -> "BatchIterator":
         return self
@@ -345,11 +364,10 @@ class StreamPipeline:
         try:
             for batch in iterator:
                 self._check_bad(batch["bad"])
-                yield batch["image"], batch["label"], batch["weight"]
+                yield _detached(batch["image"]), _detached(batch["label"]), _detached(batch["weight"])
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            _close(iterator)
+            del iterator
 
     def _check_bad(self, bad: np.ndarray) -> None:
         for index in np.unique(bad[bad >= 0]).tolist():
@@ -362,7 +380,7 @@ class StreamPipeline:
         if not batch["filled"].all():
             raise DataError(f"{self.name}: {MAX_SUBSTITUTES + 1} consecutive unreadable images from "
                             f"{self._skipped.get(int(batch['bad'][~batch['filled']][0]), '?')}")
-        return batch["image"], batch["label"]
+        return _detached(batch["image"]), _detached(batch["label"])
 
     def _message(self, index: int) -> str:
         """The one-line message of a bad example, re-read in this process (workers send indices)."""
