@@ -668,3 +668,13 @@ def replicate(tree: Any, mesh) -> Any:
     return jax.tree.map(
         lambda leaf: jax.make_array_from_process_local_data(sharding, np.asarray(leaf), np.shape(leaf)), tree
     )
+
+
+if __name__ == "__main__":
+    # `python -m nanlab.data convert FOLDER OUT.array_record`: the CLI lives in nanlab.streaming.cli
+    # (a library module never imports a CLI module; this block runs only as a program).
+    import sys
+
+    from nanlab.streaming.cli import main
+
+    sys.exit(main())
