@@ -18,12 +18,16 @@ traceback frames, `get_bind_params`/`bind`) is unchanged across the range.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as _prims
+
+from nanlab.trace import _frameworks
 
 # Call-like primitives whose body the replay enters, each with the param that holds the body.
 CALL_BODIES: dict[str, str] = {
@@ -89,6 +93,37 @@ def traceback_frames(source_info: Any) -> list[tuple[str, int, str]]:
     if traceback is None:
         return []
     return [(f.file_name, f.line_num, f.function_name) for f in traceback.frames]
+
+
+# ----------------------------------------------------------------------------------- name stack, frames
+
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (jax, np)
+) + tuple(
+    os.sep + name + os.sep for name in ("site-packages", "jaxlib", "flax", "optax", "orbax")
+)
+# Scope names that name-stack machinery pushes and that are not Flax modules.
+_NON_MODULE_SCOPES = frozenset({"rematted_computation", "checkpoint", "remat"})
+
+
+def transforms(elements: Sequence[Any]) -> set[str]:
+    """The transformation names (jvp, transpose, vmap, ...) among name-stack elements."""
+    return {e.name for e in elements if is_transform(e)}
+
+
+def module_path(elements: Sequence[Any]) -> str:
+    """The module path the name-stack scopes spell (Flax, NNX and Equinox names joined)."""
+    scopes = [e.name for e in elements if is_scope(e) and e.name not in _NON_MODULE_SCOPES]
+    return _frameworks.join_scopes(scopes)
+
+
+def user_frames(source_info: Any) -> tuple[tuple[str, int, str], ...]:
+    """(file, line, function) of the frames outside jax, numpy and installed libraries, innermost first."""
+    return tuple(
+        (path, line, function) for path, line, function in traceback_frames(source_info)
+        if not (any(d in path for d in _LIBRARY_DIRS) or path.startswith("<frozen"))
+    )
 
 
 def bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
