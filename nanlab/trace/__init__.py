@@ -54,7 +54,7 @@ from typing import Any
 import jax
 
 from nanlab.trace import _frameworks, _jax
-from nanlab.trace._analysis import _cached_live, _leaf_count, _segments, _signature_counts
+from nanlab.trace._analysis import _cached_live, _last_use, _leaf_count, _segments, _signature_counts
 from nanlab.trace._causes import CAUSES, classify
 from nanlab.trace._interpreter import _Interpreter
 from nanlab.trace._report import Event, Report, summarize
@@ -147,7 +147,7 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
         with jax.debug_nans(False), jax.debug_infs(False):  # we want the values, not an exception
             outs = interp.run(jaxpr, consts, inputs, _Context(), [True] * len(jaxpr.outvars))
     finally:
-        for cache in (_cached_live, _leaf_count, _segments):
+        for cache in (_cached_live, _last_use, _leaf_count, _segments):
             cache.cache_clear()  # the keys hold this function's jaxprs alive
     reaching = set().union(*[o.prov for o in outs if o.prov is not None]) - interp.allowed_roots
     # A non-finite output computed from constants only (a cond branch or a jitted function returning

@@ -118,6 +118,23 @@ def _segments(jaxpr_ref: Any, size: int) -> list[tuple[int, int, bool]]:
     return runs
 
 
+@functools.lru_cache(maxsize=4096)
+def _last_use(jaxpr_ref: Any) -> dict[int, list[Any]]:
+    """Equation index -> the variables it reads last (outputs of the jaxpr excluded): freed after it."""
+    jaxpr = jaxpr_ref()
+    last: dict[Any, int] = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if isinstance(v, jcore.Var):
+                last[v] = i
+    outs = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+    by_eqn: dict[int, list[Any]] = {}
+    for v, i in last.items():
+        if v not in outs:
+            by_eqn.setdefault(i, []).append(v)
+    return by_eqn
+
+
 class _JaxprKey:
     """Hashable handle to a jaxpr for the analysis caches (equal only to a handle of the same object)."""
 

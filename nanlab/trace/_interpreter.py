@@ -13,7 +13,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from nanlab.trace import _jax, _shards
-from nanlab.trace._analysis import _cached_live, _JaxprKey, _segments
+from nanlab.trace._analysis import _cached_live, _JaxprKey, _last_use, _segments
 from nanlab.trace._causes import _SINGULAR_DERIVATIVE, classify
 from nanlab.trace._report import Event, _format_frame, summarize
 from nanlab.trace._values import _aval_key, _Context, _finite, _is_float, _Shard, _Value
@@ -74,22 +74,22 @@ class _Interpreter:
         in_transpose = "transpose" in _jax.transforms(ctx.stack) or ctx.phase == "backward"
         ref = _JaxprKey(jaxpr)
         live = _cached_live(ref, tuple(bool(f) for f in out_live), in_transpose)
-        last_use = self._last_use(jaxpr)
+        last_use = _last_use(ref)
         if self.tracing is not None or ctx.shard is not None:  # inline everything / shards: eager
-            self._eager_range(jaxpr, 0, len(jaxpr.eqns), env, ctx, live, {})
+            self._eager_range(jaxpr, 0, len(jaxpr.eqns), env, ctx, live)
             return [self._read(env, v) for v in jaxpr.outvars]
         for start, end, jittable in _segments(_JaxprKey(jaxpr), self.segment_size):
             if jittable:
                 self._run_range(jaxpr, start, end, env, ctx, live)
             else:
-                self._eager_range(jaxpr, start, end, env, ctx, live, {})
+                self._eager_range(jaxpr, start, end, env, ctx, live)
             for i in range(start, end):
                 for v in last_use.get(i, ()):
                     env.pop(v, None)  # free values after their last use: keeps eager memory near jit's
         return [self._read(env, v) for v in jaxpr.outvars]
 
     def _eager_range(self, jaxpr: jcore.Jaxpr, start: int, end: int, env: dict[Any, _Value], ctx: _Context,
-                     live: list[tuple[bool, ...]], last_use: dict[int, list[Any]]) -> None:
+                     live: list[tuple[bool, ...]]) -> None:
         for i in range(start, end):
             eqn = jaxpr.eqns[i]
             invals = [self._read(env, v) for v in eqn.invars]
@@ -109,11 +109,11 @@ class _Interpreter:
             # eagerly while they keep producing recorded events (after a first NaN, the next few
             # equations usually all do), and compiled segments resume for the rest.
             if k > start and self._jit_segment(jaxpr, start, k, env, ctx, live) != k:
-                self._eager_range(jaxpr, start, k, env, ctx, live, {})
+                self._eager_range(jaxpr, start, k, env, ctx, live)
             quiet = 0
             while k < end and quiet < _EAGER_WINDOW:
                 recorded = len(self.events) + len(self.root_events)
-                self._eager_range(jaxpr, k, k + 1, env, ctx, live, {})
+                self._eager_range(jaxpr, k, k + 1, env, ctx, live)
                 quiet = 0 if len(self.events) + len(self.root_events) > recorded else quiet + 1
                 k += 1
             start = k
@@ -177,7 +177,7 @@ class _Interpreter:
                         for k, (v, x) in enumerate(zip(in_vars, values))}
                 for i in range(start, end):
                     self.current_top = i
-                    self._eager_range(jaxpr, i, i + 1, senv, ctx, live, {})
+                    self._eager_range(jaxpr, i, i + 1, senv, ctx, live)
             finally:
                 self.tracing = None
             out_meta.extend((senv[v].slot, senv[v].grad, senv[v].const) for v in out_vars)
@@ -227,20 +227,6 @@ class _Interpreter:
         for key, entry in forward:
             self.forward_index.setdefault(key, []).append(entry)
         return slot_prov
-
-    @staticmethod
-    def _last_use(jaxpr: jcore.Jaxpr) -> dict[int, list[Any]]:
-        last: dict[Any, int] = {}
-        for i, eqn in enumerate(jaxpr.eqns):
-            for v in eqn.invars:
-                if isinstance(v, jcore.Var):
-                    last[v] = i
-        outs = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
-        by_eqn: dict[int, list[Any]] = {}
-        for v, i in last.items():
-            if v not in outs:
-                by_eqn.setdefault(i, []).append(v)
-        return by_eqn
 
     @staticmethod
     def _read(env: dict[Any, _Value], v: Any) -> _Value:
