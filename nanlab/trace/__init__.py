@@ -57,6 +57,7 @@ from nanlab.trace import _frameworks, _jax
 from nanlab.trace._analysis import _cached_live, _last_use, _leaf_count, _segments, _signature_counts
 from nanlab.trace._causes import CAUSES, classify
 from nanlab.trace._interpreter import _Interpreter
+from nanlab.trace._policy import EventPolicy
 from nanlab.trace._report import Event, Report, summarize
 from nanlab.trace._values import _Context, _finite, _has_nan, _Value
 
@@ -129,7 +130,7 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
     elif segment_size == "auto":
         leaves, unique = _signature_counts(jaxpr)
         segment_size = 0 if unique < _AUTO_UNIQUE_FRACTION * leaves else _AUTO_SEGMENT_SIZE
-    interp = _Interpreter(predicate, max_events, segment_size)
+    interp = _Interpreter(EventPolicy(predicate, max_events), segment_size)
     inputs: list[_Value] = []
     bad_inputs: list[str] = []
     input_roots: dict[int, str] = {}
@@ -149,36 +150,4 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
     finally:
         for cache in (_cached_live, _last_use, _leaf_count, _segments):
             cache.cache_clear()  # the keys hold this function's jaxprs alive
-    reaching = set().union(*[o.prov for o in outs if o.prov is not None]) - interp.allowed_roots
-    # A non-finite output computed from constants only (a cond branch or a jitted function returning
-    # jnp.nan) is always reported, with the equation that made it.
-    const_reaching = set().union(*[o.cprov for o in outs if o.cprov is not None and not _finite(o.value)])
-    const_events = [interp.const_roots[r] for r in sorted(const_reaching)]
-    events = interp.events
-    if const_events:
-        events = sorted(events + const_events, key=lambda e: e.index)
-        reaching |= const_reaching
-    roots = {**interp.root_events, **{e.index: e for e in const_events}}
-    origin, cause = _choose_origin(roots, input_roots, reaching)
-    literal_out = any(o.const and o.cprov is None and not _finite(o.value) for o in outs)
-    if origin is None and not bad_inputs and literal_out:
-        cause = "non-finite-constant"  # the function returns a NaN/Inf literal: no equation made it
-    first_nan = interp.first_nan or next((e for e in const_events if e.kind == "nan"), None)
-    found = bool(roots or bad_inputs or interp.num_events or literal_out)
-    return Report(
-        found=found, cause=cause if found else "none", origin=origin, first_nan=first_nan,
-        bad_inputs=bad_inputs, events=events, num_events=interp.num_events + len(const_events),
-        num_equations=interp.counter, seconds=time.perf_counter() - start)
-
-
-def _choose_origin(roots: dict[int, Event], input_roots: dict[int, str],
-                   reaching: set[int]) -> tuple[Event | None, str]:
-    """Pick the origin: the earliest root reaching a non-finite output, else the earliest root."""
-    ordered = sorted(set(roots) | set(input_roots))  # arguments (negative ids) come first
-    preferred = [r for r in ordered if r in reaching] or ordered
-    if not preferred:
-        return None, "none"
-    first = preferred[0]
-    if first in input_roots:
-        return None, input_roots[first]
-    return roots[first], roots[first].cause
+    return interp.policy.report(outs, input_roots, bad_inputs, interp.counter, start)

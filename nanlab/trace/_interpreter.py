@@ -15,6 +15,7 @@ from jax.extend import core as jcore
 from nanlab.trace import _jax, _shards
 from nanlab.trace._analysis import _cached_live, _JaxprKey, _last_use, _segments
 from nanlab.trace._causes import _SINGULAR_DERIVATIVE, classify
+from nanlab.trace._policy import EventPolicy
 from nanlab.trace._report import Event, _format_frame, summarize
 from nanlab.trace._values import _aval_key, _Context, _finite, _is_float, _Shard, _Value
 
@@ -42,9 +43,8 @@ _EAGER_WINDOW = 4
 class _Interpreter:
     """Evaluate a jaxpr equation by equation, recording non-finite events."""
 
-    def __init__(self, allow: Callable[[Event], bool] | None, max_events: int, segment_size: int):
-        self.allow = allow
-        self.max_events = max_events
+    def __init__(self, policy: EventPolicy, segment_size: int):
+        self.policy = policy
         self.segment_size = segment_size
         self.mesh: Any = None  # the mesh of the function's shard_maps, a context outside their bodies
         self.tracing: list[_Record] | None = None  # the records of the segment being traced, if any
@@ -53,12 +53,6 @@ class _Interpreter:
         self.trace_flags: list[Any] = []
         self.segment_cache: dict[tuple, tuple[Callable, list[_Record], list[tuple]]] = {}
         self.counter = 0
-        self.events: list[Event] = []
-        self.root_events: dict[int, Event] = {}
-        self.allowed_roots: set[int] = set()
-        self.num_events = 0
-        self.first_nan: Event | None = None
-        self.const_roots: dict[int, Event] = {}  # latent roots: non-finite values made from constants
         self.forward_index: dict[tuple, list[tuple[str, str]]] = {}
 
     # -- jaxpr level --------------------------------------------------------------------------------
@@ -112,9 +106,9 @@ class _Interpreter:
                 self._eager_range(jaxpr, start, k, env, ctx, live)
             quiet = 0
             while k < end and quiet < _EAGER_WINDOW:
-                recorded = len(self.events) + len(self.root_events)
+                recorded = self.policy.recorded()
                 self._eager_range(jaxpr, k, k + 1, env, ctx, live)
-                quiet = 0 if len(self.events) + len(self.root_events) > recorded else quiet + 1
+                quiet = 0 if self.policy.recorded() > recorded else quiet + 1
                 k += 1
             start = k
 
@@ -198,7 +192,7 @@ class _Interpreter:
           index of the top-level equation holding that event.
         """
         slot_prov: dict[int, frozenset] = {k: p for k, p in enumerate(in_provs) if p is not None}
-        counter, num_events, forward = self.counter, self.num_events, []
+        counter, num_events, forward = self.counter, 0, []
         row = 0
         for rec in records:
             counter += 1
@@ -214,16 +208,16 @@ class _Interpreter:
             if not bad:
                 continue
             in_provs_rec = [slot_prov[s] for s in rec.in_slots if s is not None and s in slot_prov]
-            if not in_provs_rec:
-                return rec.top  # a root: the report needs its operand values
-            prov = frozenset().union(*in_provs_rec)
-            if not prov <= self.allowed_roots:
-                if len(self.events) < self.max_events or self.first_nan is None:
-                    return rec.top  # a recorded event: the report needs its operand values
+            prov, root = self.policy.provenance(in_provs_rec, counter)
+            allowed = self.policy.allowed(prov)
+            if self.policy.needs_event(root, allowed):
+                return rec.top  # a root or a recorded event: the report needs its operand values
+            if not allowed:
                 num_events += 1
             for slot in bad:
                 slot_prov[slot] = prov
-        self.counter, self.num_events = counter, num_events
+        self.counter = counter
+        self.policy.count(num_events)
         for key, entry in forward:
             self.forward_index.setdefault(key, []).append(entry)
         return slot_prov
@@ -388,31 +382,9 @@ class _Interpreter:
         bad = [k for k, o in enumerate(outs) if not _finite(o)]
         if not bad:
             return [_Value(o, None, grad_out) for o in outs]
-        in_provs = [a.prov for a in invals if a.prov is not None]
-        root = not in_provs
-        if root:
-            prov = frozenset({self.counter})
-        else:
-            prov = frozenset().union(*in_provs)
-        allowed = bool(prov) and prov <= self.allowed_roots
-        event = None
-        if not allowed:
-            self.num_events += 1
-        need_kind = root or (self.first_nan is None and not allowed)
-        detailed = root or (not allowed and len(self.events) < self.max_events)
-        if need_kind or detailed:
-            event = self._event(eqn, invals, outs, bad, ctx, module, phase, frames, root)
-            if root and self.allow is not None and self.allow(event):
-                self.allowed_roots.add(self.counter)
-                allowed = True
-                self.num_events -= 1
-        if event is not None and not allowed:
-            if root:
-                self.root_events[self.counter] = event
-            if detailed:
-                self.events.append(event)
-            if self.first_nan is None and event.kind == "nan":
-                self.first_nan = event
+        prov, root = self.policy.provenance([a.prov for a in invals if a.prov is not None], self.counter)
+        self.policy.observe(self.counter, prov, root,
+                            lambda: self._event(eqn, invals, outs, bad, ctx, module, phase, frames, root))
         return [_Value(o, prov if k in bad else None, grad_out) for k, o in enumerate(outs)]
 
     def _const_prov(self, eqn: Any, invals: list[_Value], outs: list[Any], bad: list[int], ctx: _Context,
@@ -421,10 +393,7 @@ class _Interpreter:
         earlier = [a.cprov for a in invals if a.cprov is not None]
         if earlier:
             return frozenset().union(*earlier)
-        event = self._event(eqn, invals, outs, bad, ctx, module, phase, frames, True)
-        event.cause = "non-finite-constant"
-        self.const_roots[event.index] = event
-        return frozenset({event.index})
+        return self.policy.const_root(self._event(eqn, invals, outs, bad, ctx, module, phase, frames, True))
 
     def _const_outputs(self, eqn: Any, invals: list[_Value], outs: list[_Value], ctx: _Context,
                        elements: tuple[Any, ...], phase: str, frames: tuple) -> list[_Value]:
