@@ -35,6 +35,43 @@ class _Record:
     const: bool  # all operands are constants: folded, never an event
 
 
+@dataclasses.dataclass
+class _SegmentTracer:
+    """One segment being traced into a compiled function: carried in `_Context.segment`.
+
+    Its leaf equations bind on tracers, give each output a slot, and add one finite flag per
+    floating output to the segment's results; `records` say which slots each equation read and
+    wrote, so that `_Interpreter._commit` can replay provenance from the flags alone.
+    """
+
+    records: list[_Record]
+    slots: int  # the next value slot (the segment's inputs take the first ones)
+    flags: list[Any] = dataclasses.field(default_factory=list)
+    top: int = 0  # the segment's top-level equation being traced
+
+    def leaf(self, eqn: Any, invals: list[_Value], elements: tuple[Any, ...], phase: str, frames: tuple,
+             grad_in: bool) -> list[_Value]:
+        """Bind, and record the outputs' finite flags as extra results of the segment."""
+        outs = _jax.bind(eqn, [a.value for a in invals])
+        grad_out = grad_in or phase in ("backward", "update")
+        const = all(a.const for a in invals)
+        values, n_flags, float_slots = [], 0, []
+        for o in outs:
+            slot = self.slots
+            self.slots += 1
+            if _is_float(o):
+                # One fused scalar reduction per output: the only data that leaves the device.
+                self.flags.append(jnp.isfinite(o).all())
+                n_flags += 1
+                float_slots.append(slot)
+            values.append(_Value(o, None, grad_out, slot, const))
+        self.records.append(_Record(
+            primitive=eqn.primitive.name, module=_jax.module_path(elements), phase=phase, frames=frames,
+            in_slots=[a.slot for a in invals], float_slots=float_slots, n_flags=n_flags, top=self.top,
+            const=const))
+        return values
+
+
 # After an event that needed operand values, equations keep running eagerly until this many in a
 # row record nothing new; then compiled segments resume.
 _EAGER_WINDOW = 4
@@ -47,10 +84,6 @@ class _Interpreter:
         self.policy = policy
         self.segment_size = segment_size
         self.mesh: Any = None  # the mesh of the function's shard_maps, a context outside their bodies
-        self.tracing: list[_Record] | None = None  # the records of the segment being traced, if any
-        self.slots = 0
-        self.current_top = 0
-        self.trace_flags: list[Any] = []
         self.segment_cache: dict[tuple, tuple[Callable, list[_Record], list[tuple]]] = {}
         self.counter = 0
         self.forward_index: dict[tuple, list[tuple[str, str]]] = {}
@@ -69,7 +102,7 @@ class _Interpreter:
         ref = _JaxprKey(jaxpr)
         live = _cached_live(ref, tuple(bool(f) for f in out_live), in_transpose)
         last_use = _last_use(ref)
-        if self.tracing is not None or ctx.shard is not None:  # inline everything / shards: eager
+        if ctx.segment is not None or ctx.shard is not None:  # inline everything / shards: eager
             self._eager_range(jaxpr, 0, len(jaxpr.eqns), env, ctx, live)
             return [self._read(env, v) for v in jaxpr.outvars]
         for start, end, jittable in _segments(_JaxprKey(jaxpr), self.segment_size):
@@ -165,18 +198,15 @@ class _Interpreter:
         def segment(*values: Any) -> tuple[list[Any], Any]:
             records.clear()
             out_meta.clear()
-            self.tracing, self.slots, self.trace_flags = records, len(in_vars), []
-            try:
-                senv = {v: _Value(x, None, env[v].grad, k, env[v].const)
-                        for k, (v, x) in enumerate(zip(in_vars, values))}
-                for i in range(start, end):
-                    self.current_top = i
-                    self._eager_range(jaxpr, i, i + 1, senv, ctx, live)
-            finally:
-                self.tracing = None
+            tracer = _SegmentTracer(records, len(in_vars))
+            sctx = dataclasses.replace(ctx, segment=tracer)
+            senv = {v: _Value(x, None, env[v].grad, k, env[v].const)
+                    for k, (v, x) in enumerate(zip(in_vars, values))}
+            for i in range(start, end):
+                tracer.top = i
+                self._eager_range(jaxpr, i, i + 1, senv, sctx, live)
             out_meta.extend((senv[v].slot, senv[v].grad, senv[v].const) for v in out_vars)
-            flags, self.trace_flags = self.trace_flags, []
-            stacked = jnp.stack(flags) if flags else jnp.zeros((0,), bool)
+            stacked = jnp.stack(tracer.flags) if tracer.flags else jnp.zeros((0,), bool)
             return [senv[v].value for v in out_vars], stacked
 
         # Records and out_meta fill when jit traces `segment` (at its first call); a retrace refills
@@ -244,7 +274,8 @@ class _Interpreter:
         else:
             phase = "forward"
         frames = _jax.user_frames(eqn.source_info) or ctx.frames
-        inner = _Context(elements, phase if phase != "forward" else "", ctx.iterations, frames, ctx.shard)
+        inner = _Context(elements, phase if phase != "forward" else "", ctx.iterations, frames, ctx.shard,
+                         ctx.segment)
         name = eqn.primitive.name
         params = eqn.params
         if ctx.shard is not None and (name in _jax.CONTROL_FLOW or name == _jax.SHARD_MAP):
@@ -257,7 +288,7 @@ class _Interpreter:
             sub, consts = body
             n = len(sub.invars)
             outs = self.run(sub, consts, invals[len(invals) - n:], inner, list(out_live))
-            if self.tracing is not None:  # segments never hold such calls (see _returns_constant)
+            if ctx.segment is not None:  # segments never hold such calls (see _returns_constant)
                 return outs
             return self._const_outputs(eqn, invals, outs, ctx, elements, phase, frames)
         if name == _jax.COND:
@@ -266,38 +297,16 @@ class _Interpreter:
             index = min(max(index, 0), len(branches) - 1)  # lax.cond clamps the index the same way
             sub, consts = _jax.open_jaxpr(branches[index])
             outs = self.run(sub, consts, invals[1:], inner, list(out_live))
-            if self.tracing is not None:  # segments never hold such calls (see _returns_constant)
+            if ctx.segment is not None:  # segments never hold such calls (see _returns_constant)
                 return outs
             return self._const_outputs(eqn, invals, outs, ctx, elements, phase, frames)
         if name == _jax.SCAN:
             return self._scan(eqn, invals, inner, out_live)
         if name == _jax.WHILE:
             return self._while(eqn, invals, inner, live)
-        if self.tracing is not None:
-            return self._trace_leaf(eqn, invals, ctx, elements, phase, frames, grad_in)
+        if ctx.segment is not None:
+            return ctx.segment.leaf(eqn, invals, elements, phase, frames, grad_in)
         return self._leaf(eqn, invals, ctx, elements, phase, frames, grad_in)
-
-    def _trace_leaf(self, eqn: Any, invals: list[_Value], ctx: _Context, elements: tuple[Any, ...],
-                    phase: str, frames: tuple, grad_in: bool) -> list[_Value]:
-        """While tracing a segment: bind, and record the output's finite and NaN flags as extra results."""
-        outs = _jax.bind(eqn, [a.value for a in invals])
-        grad_out = grad_in or phase in ("backward", "update")
-        const = all(a.const for a in invals)
-        values, n_flags, float_slots = [], 0, []
-        for o in outs:
-            slot = self.slots
-            self.slots += 1
-            if _is_float(o):
-                # One fused scalar reduction per output: the only data that leaves the device.
-                self.trace_flags.append(jnp.isfinite(o).all())
-                n_flags += 1
-                float_slots.append(slot)
-            values.append(_Value(o, None, grad_out, slot, const))
-        self.tracing.append(_Record(
-            primitive=eqn.primitive.name, module=_jax.module_path(elements), phase=phase, frames=frames,
-            in_slots=[a.slot for a in invals], float_slots=float_slots, n_flags=n_flags, top=self.current_top,
-            const=const))
-        return values
 
     def _scan(self, eqn: Any, invals: list[_Value], ctx: _Context, out_live: tuple[bool, ...]) -> list[_Value]:
         p = eqn.params

@@ -77,13 +77,18 @@ class _Value:
 
 @dataclasses.dataclass
 class _Context:
-    """Where an equation sits: composed name stack, phase of the enclosing call, loop iterations, frames."""
+    """Where an equation sits: composed name stack, phase of the enclosing call, loop iterations, frames.
+
+    `shard` and `segment` also say how it is evaluated: for all shards at once, or traced into a
+    compiled segment (a `_SegmentTracer`, which records its flags) instead of bound eagerly.
+    """
 
     stack: tuple[Any, ...] = ()
     phase: str = ""  # '' at top level; an enclosing call's phase when it fixes the inner one
     iterations: tuple[tuple[str, int], ...] = ()
     frames: tuple[tuple[str, int, str], ...] = ()
     shard: _Shard | None = None  # inside a shard_map body: values hold one block per shard
+    segment: Any = None  # the _SegmentTracer while tracing a compiled segment, else None
 
 
 @dataclasses.dataclass(frozen=True)
