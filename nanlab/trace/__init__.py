@@ -41,6 +41,12 @@ id, 'shards': every such shard}; the operand summaries are then that shard's blo
 The allow-list (`allow=`) takes a glob pattern over module paths (or a list of them), or a predicate
 `event -> bool`; an allowed event, and any later event whose non-finite inputs all came from allowed
 events, is not reported (intentional -inf attention masks).
+
+Layout: this module holds `localize` and re-exports the public names; `_jax` is the JAX adapter,
+`_causes` the cause rules (keyed by primitive), `_policy` the event policy both evaluators share,
+`_interpreter` the eager evaluator and `_compiled` the compiled-segment one, `_events` builds an
+event from an equation's values, `_analysis` is the static analysis of a jaxpr, `_report` the
+report types, `_values` what the evaluators carry per value.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class _SegmentTracer:
 
     Its leaf equations bind on tracers, give each output a slot, and add one finite flag per
     floating output to the segment's results; `records` say which slots each equation read and
-    wrote, so that `_Interpreter._commit` can replay provenance from the flags alone.
+    wrote, so that `SegmentEvaluator._commit` can replay provenance from the flags alone.
     """
 
     records: list[_Record]
@@ -91,7 +91,7 @@ class SegmentEvaluator:
         self.cache: dict[tuple, tuple[Callable, list[_Record], list[tuple]]] = {}
 
     def run(self, jaxpr: jcore.Jaxpr, start: int, end: int, env: dict[Any, _Value], ctx: _Context,
-                   live: list[tuple[bool, ...]]) -> None:
+            live: list[tuple[bool, ...]]) -> None:
         """Compiled segments, split around each equation whose event needs operand values."""
         while start < end:
             k = self._jit(jaxpr, start, end, env, ctx, live)
@@ -111,7 +111,7 @@ class SegmentEvaluator:
             start = k
 
     def _jit(self, jaxpr: jcore.Jaxpr, start: int, end: int, env: dict[Any, _Value], ctx: _Context,
-                     live: list[tuple[bool, ...]]) -> int:
+             live: list[tuple[bool, ...]]) -> int:
         """Run eqns[start:end] as one compiled function that also returns every output's finite flags.
 
         Compiling a few hundred equations at once costs a fraction of compiling each alone (eager
@@ -151,8 +151,8 @@ class SegmentEvaluator:
         return end
 
     def _compile(self, jaxpr: jcore.Jaxpr, start: int, end: int, env: dict[Any, _Value],
-                         ctx: _Context, live: list[tuple[bool, ...]], in_vars: list[Any],
-                         out_vars: list[Any]) -> tuple[Callable, list[_Record], list[tuple]]:
+                 ctx: _Context, live: list[tuple[bool, ...]], in_vars: list[Any],
+                 out_vars: list[Any]) -> tuple[Callable, list[_Record], list[tuple]]:
         """Trace eqns[start:end] into a jitted function; its records and output metadata come along.
 
         Cached by the caller, so a loop body's segment compiles once, not once per iteration.
@@ -214,5 +214,5 @@ class SegmentEvaluator:
         self.eager.counter = counter
         self.eager.policy.count(num_events)
         for key, entry in forward:
-            self.eager.forward_index.setdefault(key, []).append(entry)
+            self.eager.forward.add(key, *entry)
         return slot_prov

@@ -14,10 +14,10 @@ from jax.extend import core as jcore
 
 from nanlab.trace import _jax, _shards
 from nanlab.trace._analysis import _cached_live, _JaxprKey, _last_use, _segments
-from nanlab.trace._causes import _SINGULAR_DERIVATIVE, classify
 from nanlab.trace._compiled import SegmentEvaluator
+from nanlab.trace._events import ForwardIndex, make_event
 from nanlab.trace._policy import EventPolicy
-from nanlab.trace._report import Event, _format_frame, summarize
+from nanlab.trace._report import Event
 from nanlab.trace._values import _Context, _finite, _Shard, _Value
 
 
@@ -34,7 +34,7 @@ class _Interpreter:
         self.segment_size = segment_size
         self.mesh: Any = None  # the mesh of the function's shard_maps, a context outside their bodies
         self.counter = 0
-        self.forward_index: dict[tuple, list[tuple[str, str]]] = {}
+        self.forward = ForwardIndex()  # forward equations by user frames, for backward events
         self.segments = SegmentEvaluator(self)
 
     # -- jaxpr level --------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class _Interpreter:
             return [_Value(o, None, grad_out, const=True, cprov=cprov if k in bad else None)
                     for k, o in enumerate(outs)]
         if phase == "forward" and frames:
-            self.forward_index.setdefault(frames, []).append((eqn.primitive.name, module))
+            self.forward.add(frames, eqn.primitive.name, module)
         bad = [k for k, o in enumerate(outs) if not _finite(o)]
         if not bad:
             return [_Value(o, None, grad_out) for o in outs]
@@ -237,6 +237,10 @@ class _Interpreter:
                                  phase, frames)
         return [dataclasses.replace(o, cprov=cprov) if k in bad else o for k, o in enumerate(outs)]
 
+    def _event(self, eqn: Any, invals: list[_Value], outs: list[Any], bad: list[int], ctx: _Context,
+               module: str, phase: str, frames: tuple, root: bool) -> Event:
+        return make_event(self.counter, eqn, invals, outs, bad, ctx, module, phase, frames, root, self.forward)
+
     def _shard_map(self, eqn: Any, invals: list[_Value], ctx: _Context, out_live: tuple[bool, ...]) -> list[_Value]:
         """Replay a shard_map (or pmap) body for all shards at once, each shard's block stacked."""
         p = eqn.params
@@ -254,78 +258,6 @@ class _Interpreter:
                 value = jax.device_put(value, jax.sharding.NamedSharding(p["mesh"], spec))
             results.append(dataclasses.replace(o, value=value))
         return results
-
-    def _event(self, eqn: Any, invals: list[_Value], outs: list[Any], bad: list[int], ctx: _Context,
-               module: str, phase: str, frames: tuple, root: bool) -> Event:
-        shard_info = None
-        if ctx.shard is not None:
-            # Name the first shard holding a bad value, and summarize that shard's operands.
-            sh = ctx.shard
-            coords = _first_bad_shard(outs[bad[0]], sh)
-            shard_info = {"mesh": dict(zip(sh.axes, coords)),
-                          "device": _jax.shard_map_device(sh.params, dict(zip(sh.axes, coords))),
-                          "shards": [dict(zip(sh.axes, c)) for c in _bad_shards(outs, bad, sh)]}
-            invals = [dataclasses.replace(a, value=np.asarray(a.value)[coords])
-                      if sh.stacked(a.value, v.aval) else a for a, v in zip(invals, eqn.invars)]
-            outs = [np.asarray(o)[coords] if sh.stacked(o, v.aval) else o for o, v in zip(outs, eqn.outvars)]
-        inputs = [summarize(a.value) for a in invals]
-        outputs = [summarize(o) for o in outs]
-        first_bad = outputs[bad[0]]
-        kind = "nan" if any(outputs[k]["nan"] for k in bad) else "inf"
-        fwd_prim, fwd_source = ("", "")
-        if phase == "backward":
-            fwd_prim, fwd_source = self._forward_of(frames, eqn.primitive.name, module)
-        cause = classify(eqn.primitive.name, inputs, first_bad, root=root, forward_primitive=fwd_prim)
-        return Event(
-            index=self.counter, primitive=eqn.primitive.name, module=module, phase=phase,
-            source=_format_frame(frames[0] if frames else None), kind=kind, cause=cause, root=root,
-            iterations=[_iteration(it) for it in ctx.iterations],
-            forward_primitive=fwd_prim, forward_source=fwd_source, inputs=inputs, outputs=outputs,
-            shard=shard_info)
-
-    def _forward_of(self, frames: tuple, primitive: str, module: str) -> tuple[str, str]:
-        """The forward equation at the same user source whose derivative a backward equation computes."""
-        if not frames:
-            return "", ""
-        candidates = self.forward_index.get(frames, [])
-        same_module = [p for p, m in candidates if m == module]
-        if not same_module:
-            # A custom_vjp backward rule runs at the call site; its forward rule's frames end there.
-            for key, prims in self.forward_index.items():
-                if len(key) > len(frames) and key[len(key) - len(frames):] == frames:
-                    if any(m == module for _, m in prims):
-                        return f"custom_vjp rule {key[0][2]}", _format_frame(key[0])
-        pool = same_module or [p for p, _ in candidates]
-        if not pool:
-            return "", ""
-        singular = [p for p in pool if p in _SINGULAR_DERIVATIVE]
-        if singular:
-            return singular[-1], _format_frame(frames[0])
-        return (primitive if primitive in pool else pool[-1]), _format_frame(frames[0])
-
-
-def _bad_shards(outs: Sequence[Any], bad: Sequence[int], shard: _Shard) -> list[tuple[int, ...]]:
-    found: list[tuple[int, ...]] = []
-    for c in np.ndindex(*shard.sizes):
-        if any(not _finite(np.asarray(outs[k])[c]) for k in bad) and c not in found:
-            found.append(c)
-    return found
-
-
-def _first_bad_shard(out: Any, shard: _Shard) -> tuple[int, ...]:
-    for c in np.ndindex(*shard.sizes):
-        if not _finite(np.asarray(out)[c]):
-            return c
-    return (0,) * len(shard.sizes)
-
-
-def _iteration(it: tuple) -> dict[str, Any]:
-    """A loop iteration for an event: the loop, the index, and (vmapped while) the running lanes."""
-    out: dict[str, Any] = {"loop": it[0], "index": it[1]}
-    if len(it) > 2:
-        out["lanes"] = list(it[2])
-    return out
-
 
 def _select_lanes(pred: np.ndarray, new: _Value, old: _Value) -> _Value:
     """The carry after one step of a while loop with a batched predicate: new where running, else old."""
