@@ -17,13 +17,17 @@ traceback frames, `get_bind_params`/`bind`) is unchanged across the range.
 
 from __future__ import annotations
 
-import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as _prims
+from jax.extend.source_info_util import NameStack
+
+from nanlab.trace import _frameworks
 
 # Call-like primitives whose body the replay enters, each with the param that holds the body.
 CALL_BODIES: dict[str, str] = {
@@ -70,17 +74,21 @@ def scan_counts(params: Mapping[str, Any]) -> tuple[int, int]:
 
 def name_stack_elements(source_info: Any) -> tuple[Any, ...]:
     """The equation's name stack, outermost first: Scope (module names) and Transform (jvp, transpose)."""
-    name_stack = getattr(source_info, "name_stack", None)
-    return tuple(getattr(name_stack, "stack", ()))
+    return tuple(source_info.name_stack.stack)
+
+
+# jax.extend exports NameStack but not its element classes: take them from a NameStack's own
+# `extend` (a scope, e.g. a Flax module name) and `transform` (jvp, transpose, vmap, ...).
+_SCOPE = type(NameStack().extend("scope").stack[0])
+_TRANSFORM = type(NameStack().transform("transform").stack[0])
 
 
 def is_scope(element: Any) -> bool:
-    # jax.extend exports NameStack but not its element classes; they are matched by name.
-    return type(element).__name__ == "Scope"
+    return isinstance(element, _SCOPE)
 
 
 def is_transform(element: Any) -> bool:
-    return type(element).__name__ == "Transform"
+    return isinstance(element, _TRANSFORM)
 
 
 def traceback_frames(source_info: Any) -> list[tuple[str, int, str]]:
@@ -91,19 +99,49 @@ def traceback_frames(source_info: Any) -> list[tuple[str, int, str]]:
     return [(f.file_name, f.line_num, f.function_name) for f in traceback.frames]
 
 
+# ----------------------------------------------------------------------------------- name stack, frames
+
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (jax, np)
+) + tuple(
+    os.sep + name + os.sep for name in ("site-packages", "jaxlib", "flax", "optax", "orbax")
+)
+# Scope names that name-stack machinery pushes and that are not Flax modules.
+_NON_MODULE_SCOPES = frozenset({"rematted_computation", "checkpoint", "remat"})
+
+
+def transforms(elements: Sequence[Any]) -> set[str]:
+    """The transformation names (jvp, transpose, vmap, ...) among name-stack elements."""
+    return {e.name for e in elements if is_transform(e)}
+
+
+def module_path(elements: Sequence[Any]) -> str:
+    """The module path the name-stack scopes spell (Flax, NNX and Equinox names joined)."""
+    scopes = [e.name for e in elements if is_scope(e) and e.name not in _NON_MODULE_SCOPES]
+    return _frameworks.join_scopes(scopes)
+
+
+def user_frames(source_info: Any) -> tuple[tuple[str, int, str], ...]:
+    """(file, line, function) of the frames outside jax, numpy and installed libraries, innermost first."""
+    return tuple(
+        (path, line, function) for path, line, function in traceback_frames(source_info)
+        if not (any(d in path for d in _LIBRARY_DIRS) or path.startswith("<frozen"))
+    )
+
+
 def bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
     """Apply an equation's primitive to concrete (or traced) values, in the equation's own context."""
     params = eqn.primitive.get_bind_params(eqn.params)
-    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
-    with manager if manager is not None else contextlib.nullcontext():
+    with eqn.ctx.manager:
         raw = eqn.primitive.bind(*values, **params)
     return list(raw) if eqn.primitive.multiple_results else [raw]
 
 
 # ------------------------------------------------------------------------------------------ shard_map
 # jax.pmap traces to jit(shard_map) since jax 0.10, so shard_map covers both. Params (0.10.2-0.12):
-# jaxpr, mesh, in_specs, out_specs (one PartitionSpec per operand/result), check_vma (check_rep
-# before jax 0.6), newly_manual_axes (the mesh axes the body sees per shard; older: axis_names).
+# jaxpr, mesh, in_specs, out_specs (one PartitionSpec per operand/result), check_vma,
+# newly_manual_axes (the mesh axes the body sees per shard).
 SHARD_MAP = "shard_map"
 # Casts that only change the varying-manual-axes type of a value: identities on a shard's data.
 VMA_CASTS = frozenset({"pvary", "pcast"})
@@ -125,8 +163,8 @@ def shard_map_meshes(jaxpr: jcore.Jaxpr) -> list[Any]:
 def shard_map_axes(params: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(the manual mesh axes in mesh order, their sizes) of a shard_map equation."""
     mesh = params["mesh"]
-    manual = params.get("newly_manual_axes", params.get("axis_names"))
-    names = tuple(a for a in mesh.axis_names if manual is None or a in manual)
+    manual = params["newly_manual_axes"]
+    names = tuple(a for a in mesh.axis_names if a in manual)
     return names, tuple(int(mesh.shape[a]) for a in names)
 
 
