@@ -193,7 +193,7 @@ class _Interpreter:
         self.counter += 1
         if ctx.shard is None:
             with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                outs = _jax.bind(eqn, [a.value for a in invals])
+                outs = _jax.bind_eager(eqn, [a.value for a in invals])
         else:
             stacked = [ctx.shard.stacked(a.value, v.aval) for a, v in zip(invals, eqn.invars)]
             outs = _jax.bind_per_shard(eqn, [a.value for a in invals], stacked, ctx.shard.axes,
