@@ -43,8 +43,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-MIN_IMAGE_SIZE = 75  # InceptionV3's smallest input: smaller maps shrink to nothing in the stem.
-NORMALIZE_MODES = ("none", "unit", "standardize")
+from nanlab.config import MIN_IMAGE_SIZE, NORMALIZE_MODES
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BATCH_AXIS = "batch"
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from nanlab.config import INCEPTION_V3_BLOCKS
+
 UNSCALED_MAX_ABS = 20.0  # |x| beyond this is not a normalized input (standardized data rarely passes 6)
 HIGH_UPDATE_RATIO = 0.1  # healthy training moves weights by ~1e-3 of their norm per step
 GRAD_GROWTH = 10.0  # grad-norm growth over the window that counts as exploding
@@ -54,12 +56,9 @@ FIXES: dict[str, str] = {
     "none": "nothing to fix",
 }
 
-# InceptionV3's blocks from input to output; other models keep the order their history gives.
-INCEPTION_BLOCK_ORDER = (
-    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-    "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-    "Mixed_7a", "Mixed_7b", "Mixed_7c", "Logits",
-)
+# InceptionV3's blocks from input to output, without the auxiliary head (a side branch, not a
+# step of the path from the output back to the input); other models keep their history's order.
+INCEPTION_BLOCK_ORDER = tuple(name for name in INCEPTION_V3_BLOCKS if name != "AuxLogits")
 
 
 @dataclasses.dataclass

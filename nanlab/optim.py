@@ -28,9 +28,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-CLIP_NAMES = ("global_norm", "value", "agc")
-SCHEDULE_NAMES = ("constant", "cosine", "warmup-cosine")
-OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "momentum", "rmsprop")
+from nanlab.config import OPTIMIZERS, SCHEDULES
+
+# Clip name -> optax factory taking the threshold (a float, or a traced array in the clipping lab).
+CLIP_FACTORIES: dict[str, Callable[[Any], optax.GradientTransformation]] = {
+    "global_norm": optax.clip_by_global_norm,  # max global L2 norm
+    "value": optax.clip,  # max |g| per element
+    "agc": optax.adaptive_grad_clip,  # max unit-wise |g| / |param|
+}
+CLIP_NAMES = tuple(CLIP_FACTORIES)
 
 # Momentum of the "momentum" optimizer (SGD with heavy-ball momentum), the usual choice.
 MOMENTUM = 0.9
@@ -94,13 +100,9 @@ def parse_clip_spec(spec: str) -> ClipSpec:
 
 def _clip_transform(name: str, value: float) -> optax.GradientTransformation:
     """One parsed clip part -> its optax transformation."""
-    if name == "global_norm":
-        return optax.clip_by_global_norm(value)
-    if name == "value":
-        return optax.clip(value)
-    if name == "agc":
-        return optax.adaptive_grad_clip(value)
-    raise ValueError(f"unknown clip {name!r}")
+    if name not in CLIP_FACTORIES:
+        raise ValueError(f"unknown clip {name!r}")
+    return CLIP_FACTORIES[name](value)
 
 
 def make_clip_chain(spec: Union[str, ClipSpec]) -> optax.GradientTransformation:
@@ -175,7 +177,7 @@ def make_schedule(name: str, lr: float, total_steps: int, warmup_steps: int = 0)
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=total_steps, end_value=0.0
         )
-    raise ValueError(f"unknown schedule {name!r} (choose from {', '.join(SCHEDULE_NAMES)})")
+    raise ValueError(f"unknown schedule {name!r} (choose from {', '.join(SCHEDULES)})")
 
 
 def make_optimizer(name: str, schedule: Schedule, weight_decay: float = 0.0) -> optax.GradientTransformation:
@@ -206,7 +208,7 @@ def make_optimizer(name: str, schedule: Schedule, weight_decay: float = 0.0) -> 
         "rmsprop": lambda: optax.rmsprop(schedule),
     }
     if name not in builders:
-        raise ValueError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZER_NAMES)})")
+        raise ValueError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
     optimizer = builders[name]()
     if weight_decay > 0:
         return optax.chain(optax.add_decayed_weights(float(weight_decay)), optimizer)

@@ -34,14 +34,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from nanlab import config as config_lib
+from nanlab.config import BadInput
 
 PROG = "nanlab.train"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
 RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "report.json")
-
-
-class BadInput(ValueError):
-    """A problem with the user's input: reported as one line, exit code 2."""
 
 
 # ------------------------------------------------------------------------------------------ the CLI

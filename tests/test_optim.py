@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nanlab import optim
+from nanlab.config import OPTIMIZERS
 
 
 def _params():
@@ -346,7 +347,7 @@ def test_skip_nonfinite_forwards_other_extra_args():
     assert set(seen) == {"value"}
 
 
-@pytest.mark.parametrize("name", optim.OPTIMIZER_NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_guarded_tx_jits_for_every_optimizer(name):
     params = _params()
     tx = optim.make_tx("agc:0.01,global_norm:1", name, optim.make_schedule("warmup-cosine", 0.1, 10, 2), 1e-4, True)

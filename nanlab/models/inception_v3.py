@@ -52,11 +52,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanlab.config import INCEPTION_V3_BLOCKS, MIN_IMAGE_SIZE
 from nanlab.models.conv import Conv
 
 Activation = Union[str, Callable[[jax.Array], jax.Array]]
 
-MIN_INPUT_SIZE = 75
 MIN_CHANNELS = 8
 # Keras's BatchNormalization defaults, used unchanged by keras.applications.InceptionV3.
 # Keras updates moving = moving * momentum + batch * (1 - momentum), as flax does with its
@@ -69,26 +69,7 @@ BN_EPSILON = 1e-3
 KERNEL_INIT = nn.initializers.glorot_uniform()
 
 # The top-level blocks, in network order (names of `stats` entries and of params subtrees).
-BLOCK_NAMES: tuple[str, ...] = (
-    "Conv2d_1a_3x3",
-    "Conv2d_2a_3x3",
-    "Conv2d_2b_3x3",
-    "Conv2d_3b_1x1",
-    "Conv2d_4a_3x3",
-    "Mixed_5b",
-    "Mixed_5c",
-    "Mixed_5d",
-    "Mixed_6a",
-    "Mixed_6b",
-    "Mixed_6c",
-    "Mixed_6d",
-    "Mixed_6e",
-    "AuxLogits",
-    "Mixed_7a",
-    "Mixed_7b",
-    "Mixed_7c",
-    "Logits",
-)
+BLOCK_NAMES: tuple[str, ...] = INCEPTION_V3_BLOCKS
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -432,9 +413,9 @@ class InceptionV3(nn.Module):
             raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
         if x.ndim != 4:
             raise ValueError(f"input shape {x.shape} is not NHWC (batch, height, width, channels)")
-        if min(x.shape[1:3]) < MIN_INPUT_SIZE:
+        if min(x.shape[1:3]) < MIN_IMAGE_SIZE:
             raise ValueError(
-                f"input shape {x.shape}: height and width must be >= {MIN_INPUT_SIZE}"
+                f"input shape {x.shape}: height and width must be >= {MIN_IMAGE_SIZE}"
             )
 
     @nn.compact
