@@ -61,7 +61,7 @@ from jax.experimental import checkify
 from nanlab.compare import bootstrap_ci
 from nanlab.config import TrainConfig
 from nanlab.models.inception_v3 import InceptionV3, init_variables
-from nanlab.step import finite_from_sq_norm, tree_sq_norm
+from nanlab.numerics import finite_from_sq_norm, tree_sq_norm
 from nanlab.trace import localize
 
 

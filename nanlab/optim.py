@@ -10,7 +10,7 @@ Everything here is built from optax; only what optax lacks is written by hand:
   the incoming gradients). It checks the loss, the gradients and the inner updates, and on a bad
   step returns zero updates and leaves the inner state untouched -- forever.
 * `make_tx`: clip -> optimizer, optionally wrapped by the guard.
-* `global_norm_f32` and `clip_activity`: cheap telemetry for the step and the clipping lab.
+* `clip_activity`: cheap telemetry for the clipping lab (float32 norms: `nanlab.numerics`).
 
 All transformations are jit-safe: no Python ``if`` on traced values.
 
@@ -358,31 +358,6 @@ def make_tx(
 # --------------------------------------------------------------------------------------------
 # Telemetry
 # --------------------------------------------------------------------------------------------
-
-
-def global_norm_f32(tree: Any) -> jax.Array:
-    """Global L2 norm of a pytree, computed in float32 whatever the leaves' dtype.
-
-    ``optax.tree.norm`` squares in the leaves' dtype: float16 gradients overflow to inf once an
-    element exceeds ~256 (256**2 > 65504). Here each leaf is upcast to float32 first, and the sum
-    is scaled by the largest |element| so that even float32 squares cannot overflow (norms up to
-    float32 max are exact in range). NaN anywhere gives NaN; inf anywhere gives inf.
-
-    Args:
-      tree: a pytree of arrays (may be empty).
-
-    Returns:
-      A float32 scalar.
-    """
-    leaves = [jnp.asarray(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
-    if not leaves:
-        return jnp.zeros([], jnp.float32)
-    max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf), initial=0.0) for leaf in leaves]))
-    # Scale by max|x| so squares stay <= 1 (no overflow for |x| > 1.8e19); fall back to 1 when the
-    # maximum is 0 (all zeros), inf (the sum then is inf, as it should) or NaN (sum is NaN anyway).
-    scale = jnp.where(jnp.isfinite(max_abs) & (max_abs > 0), max_abs, 1.0)
-    sum_sq = sum(jnp.sum(jnp.square(leaf / scale)) for leaf in leaves)
-    return scale * jnp.sqrt(sum_sq)
 
 
 def clip_activity(raw_grads: Any, clipped_grads: Any) -> jax.Array:

@@ -54,6 +54,7 @@ import numpy as np
 
 from nanlab.config import INCEPTION_V3_BLOCKS, MIN_IMAGE_SIZE
 from nanlab.models.conv import Conv
+from nanlab.numerics import tree_norm
 
 Activation = Union[str, Callable[[jax.Array], jax.Array]]
 
@@ -584,9 +585,5 @@ def module_grad_norms(grads: Mapping[str, Any]) -> dict[str, jax.Array]:
     order = {name: i for i, name in enumerate(BLOCK_NAMES)}
     norms = {}
     for block in sorted(grads, key=lambda b: (order.get(b, len(order)), b)):
-        leaves = jax.tree_util.tree_leaves(grads[block])
-        # Sum of squares in float32 even for bf16/f16 gradients: squaring in half
-        # precision overflows (f16) or loses the small contributions.
-        squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves]
-        norms[block] = jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
+        norms[block] = tree_norm(grads[block])  # float32 squares even for bf16/f16 gradients
     return norms
