@@ -30,7 +30,7 @@ import jax
 
 from nanlab import compare
 from nanlab import config as config_lib
-from nanlab import optim
+from nanlab import models, optim
 from nanlab import train as train_lib
 
 
@@ -43,7 +43,7 @@ def build(args: argparse.Namespace) -> tuple[compare.Problem, compare.CellData]:
     dataset, _ = train_lib.load_data(config)
     data = compare.CellData(dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, num_eval_train=128)
     problem = compare.Problem(
-        model=train_lib.build_model(config, dataset.y_train.shape[1]),
+        model=models.build(config, dataset.y_train.shape[1]),
         loss_fn=train_lib.build_loss(config),
         structure=compare.CANONICAL_STRUCTURE,
         optimizer=config.optimizer,

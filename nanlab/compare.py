@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nanlab import optim
+from nanlab import models, optim
 from nanlab.data import batch_at
 from nanlab.step import TrainState, create_train_state, make_eval_step, make_train_step
 
@@ -1282,16 +1282,6 @@ def make_grid(
     return Grid(tuple(scenarios), parsed, tuple(range(num_seeds)), steps, configs)
 
 
-def build_model(config, num_classes: int) -> nn.Module:
-    """The scenario's model: the train CLI's InceptionV3 (`nanlab.train.build_model`).
-
-    A seam: tests replace it with a smaller module to keep the grid cheap.
-    """
-    from nanlab import train as train_lib
-
-    return train_lib.build_model(config, num_classes)
-
-
 def _data_key(config) -> tuple:
     return (config.data, config.image_size, config.num_train, config.num_val, config.seed, config.input_scale,
             config.normalize)
@@ -1352,7 +1342,7 @@ def run_grid(
         for scenario, config, data, structure, chains in plan:
             bar.update(task, description=f"{scenario}: {len(chains)} chains x {len(grid.seeds)} seeds")
             problem = Problem(
-                model=build_model(config, data.y_train.shape[1]),
+                model=models.build(config, data.y_train.shape[1]),
                 loss_fn=train_lib.build_loss(config),
                 structure=structure,
                 optimizer=config.optimizer,

@@ -222,74 +222,6 @@ def load_data(config: config_lib.TrainConfig):
     return dataclasses.replace(dataset, x_train=x_train, x_val=x_val), stats
 
 
-def _small_cnn_class():
-    """SmallCNN, defined on first use so that importing this module stays light."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from nanlab.models.inception_v3 import BN_MOMENTUM, resolve_activation
-
-    class _ConvBlock(nn.Module):
-        features: int
-        hidden_activation: str
-        use_batchnorm: bool
-        dtype: Any
-
-        @nn.compact
-        def __call__(self, x, *, train: bool):
-            h = nn.Conv(self.features, (3, 3), (2, 2), use_bias=not self.use_batchnorm, dtype=self.dtype)(x)
-            if self.use_batchnorm:
-                h = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(h)
-            h = resolve_activation(self.hidden_activation)(h)
-            if self.is_mutable_collection("stats"):
-                self.sow("stats", "max_abs", jnp.max(jnp.abs(h.astype(jnp.float32))))
-            return h
-
-    class SmallCNN(nn.Module):
-        """Three strided conv blocks -> global mean -> dense: the loop's behaviour in seconds.
-
-        Same knobs and the same 'stats' sowing as InceptionV3 (blocks Conv1..Conv3), so every
-        flag and scenario runs on it; it is for quick checks and tests, not for results.
-        """
-
-        num_classes: int = 1
-        hidden_activation: str = "relu"
-        use_batchnorm: bool = True
-        width_multiplier: float = 1.0
-        dtype: Any = jnp.float32
-        dropout_rate: float = 0.0
-
-        @nn.compact
-        def __call__(self, x, *, train: bool):
-            h = x.astype(self.dtype)
-            for index, features in enumerate((16, 32, 64), start=1):
-                width = max(8, round(features * self.width_multiplier))
-                h = _ConvBlock(width, self.hidden_activation, self.use_batchnorm, self.dtype,
-                               name=f"Conv{index}")(h, train=train)
-            h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-            h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-            return nn.Dense(self.num_classes, name="Logits")(h)
-
-    return SmallCNN
-
-
-def build_model(config: config_lib.TrainConfig, num_classes: int):
-    """The model of the config: InceptionV3 (or the small CNN for quick checks)."""
-    import jax.numpy as jnp
-
-    from nanlab.models.inception_v3 import InceptionV3
-
-    model_class = InceptionV3 if config.model == "inception_v3" else _small_cnn_class()
-    return model_class(
-        num_classes=num_classes,
-        hidden_activation=config.hidden_activation,
-        use_batchnorm=config.use_batchnorm,
-        width_multiplier=config.width_multiplier,
-        dtype=jnp.dtype(config.dtype),
-        dropout_rate=config.dropout_rate,
-    )
-
-
 def build_loss(config: config_lib.TrainConfig):
     """The per-element loss function named by config.loss (from nanlab.losses)."""
     from nanlab import losses
@@ -459,14 +391,15 @@ def _run(config: config_lib.TrainConfig) -> int:
     from nanlab import optim
     from nanlab import step as step_lib
     from nanlab.checkpoint import CheckpointError, Checkpointer
-    from nanlab.models.inception_v3 import BN_MOMENTUM
+    from nanlab import models
+    from nanlab.models.common import BN_MOMENTUM
     from nanlab.runlog import RunLog
 
     wall_start = time.perf_counter()
     workdir = _prepare_workdir(config)
     dataset, input_stats = load_data(config)
     placer = _Placer(config)
-    model = build_model(config, dataset.num_classes)
+    model = models.build(config, dataset.num_classes)
     loss_fn = build_loss(config)
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)

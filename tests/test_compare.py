@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from nanlab import compare, losses, optim
+from nanlab import compare, losses, models, optim
 from nanlab.data import batch_at
 from nanlab.step import create_train_state, make_train_step
 
@@ -343,7 +343,7 @@ def test_nonfinite_seed_is_masked_and_guarded_seed_goes_on(tiny_group, tiny_data
 @pytest.fixture
 def tiny_model(monkeypatch):
     """The grid with TinyNet in place of InceptionV3 (the CLI path is otherwise unchanged)."""
-    monkeypatch.setattr(compare, "build_model", lambda config, num_classes: TinyNet())
+    monkeypatch.setitem(models.BUILDERS, "inception_v3", lambda config, num_classes: TinyNet())
 
 
 def _read_csv(path):

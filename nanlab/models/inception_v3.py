@@ -45,7 +45,7 @@ collection; `module_grad_norms` gives the global gradient norm per block from a 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -53,17 +53,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanlab.config import INCEPTION_V3_BLOCKS, MIN_IMAGE_SIZE
+from nanlab.models.common import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    Activation,
+    resolve_activation,
+    scaled_channels,
+    sow_block_stats,
+)
 from nanlab.models.conv import Conv
 from nanlab.numerics import tree_norm
-
-Activation = Union[str, Callable[[jax.Array], jax.Array]]
-
-MIN_CHANNELS = 8
-# Keras's BatchNormalization defaults, used unchanged by keras.applications.InceptionV3.
-# Keras updates moving = moving * momentum + batch * (1 - momentum), as flax does with its
-# `momentum`, so the number carries over as is.
-BN_MOMENTUM = 0.99
-BN_EPSILON = 1e-3
 
 # Keras's default kernel initializer for Conv2D and Dense; biases and BatchNorm's beta start
 # at zero, moving means at zero, moving variances at one (also Keras's and flax's defaults).
@@ -71,70 +70,6 @@ KERNEL_INIT = nn.initializers.glorot_uniform()
 
 # The top-level blocks, in network order (names of `stats` entries and of params subtrees).
 BLOCK_NAMES: tuple[str, ...] = INCEPTION_V3_BLOCKS
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "sigmoid": jax.nn.sigmoid,
-    "tanh": jnp.tanh,
-}
-
-
-def resolve_activation(activation: Activation) -> Callable[[jax.Array], jax.Array]:
-    """Turns a `hidden_activation` knob into a function.
-
-    Args:
-      activation: "relu", "sigmoid", "tanh", or a callable array -> array.
-
-    Returns:
-      The activation function.
-
-    Raises:
-      ValueError: for an unknown name; TypeError for anything else that is not callable.
-    """
-    if isinstance(activation, str):
-        if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"hidden_activation={activation!r} is not one of {sorted(_ACTIVATIONS)} "
-                "(or pass a callable)"
-            )
-        return _ACTIVATIONS[activation]
-    if callable(activation):
-        return activation
-    raise TypeError(f"hidden_activation={activation!r} is neither a name nor a callable")
-
-
-def scaled_channels(channels: int, width_multiplier: float) -> int:
-    """Output channels of a convolution under `width_multiplier`.
-
-    Args:
-      channels: Keras's channel count.
-      width_multiplier: the model's knob (> 0).
-
-    Returns:
-      `max(MIN_CHANNELS, round(channels * width_multiplier))`; `channels` at 1.0.
-    """
-    return max(MIN_CHANNELS, int(round(channels * width_multiplier)))
-
-
-def _sow_block_stats(module: nn.Module, y: jax.Array) -> None:
-    """Sows max finite |y| and the count of NaN/inf entries of a block's output into 'stats'.
-
-    A Python check of the collection's mutability (static, not a traced value) skips the
-    reductions entirely when the caller did not ask for statistics; `init` sows nothing,
-    so its variables hold only 'params' and 'batch_stats'.
-    """
-    if module.is_initializing() or not module.is_mutable_collection("stats"):
-        return
-    finite = jnp.isfinite(y)
-    # The largest FINITE magnitude: whether a max reduction propagates NaN differs between
-    # XLA backends (CPU's vectorized max drops it), so non-finite entries are masked out and
-    # counted separately. float32 so a bf16 model's maximum is not rounded again.
-    max_abs = jnp.max(jnp.where(finite, jnp.abs(y.astype(jnp.float32)), 0.0))
-    nonfinite = jnp.sum(jnp.logical_not(finite), dtype=jnp.int32)
-    # Combine rather than overwrite, should a block ever run twice in one apply.
-    module.sow("stats", "max_abs", max_abs, init_fn=lambda: -jnp.inf, reduce_fn=jnp.maximum)
-    module.sow("stats", "nonfinite", nonfinite, init_fn=lambda: 0, reduce_fn=jnp.add)
-
 
 class ConvBN(nn.Module):
     """Keras's `conv2d_bn`: bias-free convolution, BatchNorm(scale=False), activation.
@@ -183,7 +118,7 @@ class ConvBN(nn.Module):
             )(y)
         y = resolve_activation(self.hidden_activation)(y)
         if self.sow_stats:
-            _sow_block_stats(self, y)
+            sow_block_stats(self, y)
         return y
 
 
@@ -241,7 +176,7 @@ class InceptionA(_Block):
         b3 = _avg_pool_3x3_same(x)
         b3 = self.conv(self.pool_features, (1, 1), "Branch_3_Conv2d_0b_1x1")(b3, train=train)
         y = jnp.concatenate([b0, b1, b2, b3], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
 
 
@@ -256,7 +191,7 @@ class InceptionB(_Block):
         b1 = self.conv(96, (3, 3), "Branch_1_Conv2d_1a_3x3", (2, 2), "VALID")(b1, train=train)
         b2 = _max_pool_3x3_s2(x)
         y = jnp.concatenate([b0, b1, b2], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
 
 
@@ -280,7 +215,7 @@ class InceptionC(_Block):
         b3 = _avg_pool_3x3_same(x)
         b3 = self.conv(192, (1, 1), "Branch_3_Conv2d_0b_1x1")(b3, train=train)
         y = jnp.concatenate([b0, b1, b2, b3], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
 
 
@@ -297,7 +232,7 @@ class InceptionD(_Block):
         b1 = self.conv(192, (3, 3), "Branch_1_Conv2d_1a_3x3", (2, 2), "VALID")(b1, train=train)
         b2 = _max_pool_3x3_s2(x)
         y = jnp.concatenate([b0, b1, b2], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
 
 
@@ -327,7 +262,7 @@ class InceptionE(_Block):
         b3 = _avg_pool_3x3_same(x)
         b3 = self.conv(192, (1, 1), "Branch_3_Conv2d_0b_1x1")(b3, train=train)
         y = jnp.concatenate([b0, b1, b2, b3], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
 
 
@@ -359,7 +294,7 @@ class InceptionAux(_Block):
             kernel_init=KERNEL_INIT,
             name="Dense",
         )(features)
-        _sow_block_stats(self, logits)
+        sow_block_stats(self, logits)
         return logits
 
 
@@ -382,7 +317,7 @@ class Head(nn.Module):
             kernel_init=KERNEL_INIT,
             name="Dense",
         )(features)
-        _sow_block_stats(self, logits)
+        sow_block_stats(self, logits)
         return logits
 
 
