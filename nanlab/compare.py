@@ -39,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nanlab import models, optim
+from nanlab import data as data_lib
+from nanlab import losses, models, optim
+from nanlab.config import BadInput
 from nanlab.data import batch_at
 from nanlab.step import TrainState, create_train_state, make_eval_step, make_train_step
 
@@ -1314,15 +1316,13 @@ def run_grid(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nanlab import train as train_lib
-
     datasets: dict[tuple, CellData] = {}
     plan = []
     for scenario in grid.scenarios:
         config = grid.configs[scenario]
         key = _data_key(config)
         if key not in datasets:
-            dataset, _ = train_lib.load_data(config)
+            dataset, _ = data_lib.load_for_config(config)
             datasets[key] = CellData(
                 x_train=dataset.x_train, y_train=dataset.y_train, x_val=dataset.x_val, y_val=dataset.y_val,
                 num_eval_train=min(len(dataset.x_train), len(dataset.x_val)),
@@ -1343,7 +1343,7 @@ def run_grid(
             bar.update(task, description=f"{scenario}: {len(chains)} chains x {len(grid.seeds)} seeds")
             problem = Problem(
                 model=models.build(config, data.y_train.shape[1]),
-                loss_fn=train_lib.build_loss(config),
+                loss_fn=losses.by_name(config.loss),
                 structure=structure,
                 optimizer=config.optimizer,
                 schedule=optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps),
@@ -1508,14 +1508,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from nanlab import train as train_lib
-
     console = Console(stderr=True)
     started = time.perf_counter()
     try:
         rows, runs, per_seed = run_grid(grid, chunk_steps=args.chunk_steps, progress=args.progress, console=console,
                                         diagnose=args.diagnose)
-    except train_lib.BadInput as error:
+    except BadInput as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     seconds = time.perf_counter() - started
