@@ -58,7 +58,7 @@ import numpy as np
 import optax
 from jax.experimental import checkify
 
-from nanlab.compare import bootstrap_ci
+from nanlab.stats import bootstrap_ci
 from nanlab.config import TrainConfig
 from nanlab.models.inception_v3 import InceptionV3, init_variables
 from nanlab.numerics import finite_from_sq_norm, tree_sq_norm
