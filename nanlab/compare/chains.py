@@ -22,7 +22,10 @@ import optax
 
 from nanlab import optim
 
-__all__ = ['CANONICAL_STRUCTURE', 'Chain', 'ClipProbeState', 'SKIP_MARKER', 'chain_structure', 'chain_thresholds', 'find_probe_state', 'make_lab_tx', 'parse_chain', 'parse_chains', 'probe_clip']
+__all__ = [
+    "CANONICAL_STRUCTURE", "Chain", "ClipProbeState", "SKIP_MARKER", "chain_structure", "chain_thresholds",
+    "find_probe_state", "make_lab_tx", "parse_chain", "parse_chains", "probe_clip",
+]
 
 SKIP_MARKER = "skip"
 

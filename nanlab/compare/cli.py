@@ -14,22 +14,13 @@ import jax
 
 from nanlab import _cli
 from nanlab import config as config_lib
-from nanlab.compare.grid import (
-    DEFAULT_CHAINS,
-    DEFAULT_SCENARIOS,
-    DEFAULT_SEEDS,
-    DEFAULT_STEPS,
-    LAB_PRESET_OVERRIDES,
-    PASSED_FLAGS,
-    Grid,
-    make_grid,
-    run_grid,
-)
+from nanlab.compare import grid as lab_grid
+from nanlab.compare.grid import Grid, make_grid, run_grid
 from nanlab.compare.report import OUTPUT_FILES, results_table, write_csv, write_plots, write_results_json
 from nanlab.compare.summary import COLUMNS
 from nanlab.config import BadInput
 
-__all__ = ['PROG', 'build_parser', 'check_workdir', 'grid_from_args', 'main']
+__all__ = ["PROG", "build_parser", "check_workdir", "grid_from_args", "main"]
 
 PROG = "nanlab.compare"
 
@@ -44,13 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--scenarios", nargs="+", default=None,
         help="scenarios of the train CLI, space- or comma-separated (default: "
-        f"{' '.join(DEFAULT_SCENARIOS)})")
-    add("--chains", nargs="+", default=list(DEFAULT_CHAINS),
+        f"{' '.join(lab_grid.DEFAULT_SCENARIOS)})")
+    add("--chains", nargs="+", default=list(lab_grid.DEFAULT_CHAINS),
         help="chains, one per argument: a --clip spec of the train CLI (none, global_norm:X, value:X, agc:X, "
         "comma-joined parts), optionally suffixed '+skip' for the skip-nonfinite guard; 'skip' alone = no clip "
-        f"+ guard (default: {' '.join(DEFAULT_CHAINS)})")
-    add("--seeds", type=int, default=DEFAULT_SEEDS, help=f"number of seeds, 0..N-1 (default: {DEFAULT_SEEDS})")
-    add("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per seed (default: {DEFAULT_STEPS})")
+        f"+ guard (default: {' '.join(lab_grid.DEFAULT_CHAINS)})")
+    add("--seeds", type=int, default=lab_grid.DEFAULT_SEEDS,
+        help=f"number of seeds, 0..N-1 (default: {lab_grid.DEFAULT_SEEDS})")
+    add("--steps", type=int, default=lab_grid.DEFAULT_STEPS,
+        help=f"training steps per seed (default: {lab_grid.DEFAULT_STEPS})")
     add("--workdir", default="runs/compare", help="output folder (default: runs/compare)")
     add("--overwrite", action="store_true", help="replace results already in --workdir (default: off)")
     add("--chunk-steps", type=int, default=10,
@@ -65,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_flags(group) -> None:
-    """The train-CLI flags the lab passes through (`PASSED_FLAGS`); choice lists from nanlab.config."""
+    """The train-CLI flags the lab passes through (`grid.PASSED_FLAGS`); choice lists from nanlab.config."""
     add = group.add_argument
     add("--preset", help=f"{' or '.join(config_lib.PRESETS)} (default: cpu on a CPU, accelerator otherwise)")
     add("--width-multiplier", type=float, help="InceptionV3 channel multiplier")
@@ -103,15 +96,15 @@ def check_workdir(workdir: str, overwrite: bool) -> None:
 def grid_from_args(args: argparse.Namespace) -> tuple[Grid, dict[str, Any]]:
     """The grid the parsed flags ask for, and the train-CLI overrides behind it.
 
-    Overrides stack as: the lab's preset defaults (`LAB_PRESET_OVERRIDES`), then explicit flags.
+    Overrides stack as: the lab's preset defaults (`grid.LAB_PRESET_OVERRIDES`), then explicit flags.
 
     Raises:
       ValueError: see `make_grid`.
     """
-    explicit = {name: getattr(args, name) for name in PASSED_FLAGS if getattr(args, name) is not None}
+    explicit = {name: getattr(args, name) for name in lab_grid.PASSED_FLAGS if getattr(args, name) is not None}
     preset = explicit.get("preset") or config_lib.default_preset()
-    overrides = {**LAB_PRESET_OVERRIDES.get(preset, {}), **explicit}
-    scenarios = list(DEFAULT_SCENARIOS) if args.scenarios is None else _split_scenarios(args.scenarios)
+    overrides = {**lab_grid.LAB_PRESET_OVERRIDES.get(preset, {}), **explicit}
+    scenarios = list(lab_grid.DEFAULT_SCENARIOS) if args.scenarios is None else _split_scenarios(args.scenarios)
     return make_grid(scenarios, args.chains, args.seeds, args.steps, overrides), overrides
 
 

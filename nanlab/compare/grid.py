@@ -18,7 +18,10 @@ from nanlab.compare.replicas import Problem
 from nanlab.compare.runner import CellData, CellRun, diagnose_first_failure, train_group
 from nanlab.compare.summary import per_seed_table, summarize_cell
 
-__all__ = ['DEFAULT_CHAINS', 'DEFAULT_SCENARIOS', 'DEFAULT_SEEDS', 'DEFAULT_STEPS', 'Grid', 'LAB_PRESET_OVERRIDES', 'PASSED_FLAGS', 'make_grid', 'run_grid']
+__all__ = [
+    "DEFAULT_CHAINS", "DEFAULT_SCENARIOS", "DEFAULT_SEEDS", "DEFAULT_STEPS", "Grid", "LAB_PRESET_OVERRIDES",
+    "PASSED_FLAGS", "make_grid", "run_grid",
+]
 
 # high-lr trains with plain SGD, which is what makes it a clipping question: Adam divides each step
 # by the gradient's running RMS, so clipping the gradient barely changes Adam's step (measured on
@@ -115,6 +118,30 @@ def _data_key(config) -> tuple:
             config.normalize)
 
 
+def _plan(grid: Grid) -> list[tuple[str, Any, CellData, tuple[str, ...], list[Chain]]]:
+    """The groups to train, in order: (scenario, its config, its data, clip structure, the chains).
+
+    Scenarios with the same data settings share one loaded dataset.
+    """
+    datasets: dict[tuple, CellData] = {}
+    plan = []
+    for scenario in grid.scenarios:
+        config = grid.configs[scenario]
+        key = _data_key(config)
+        if key not in datasets:
+            dataset, _ = data_lib.load_for_config(config)
+            datasets[key] = CellData(
+                x_train=dataset.x_train, y_train=dataset.y_train, x_val=dataset.x_val, y_val=dataset.y_val,
+                num_eval_train=min(len(dataset.x_train), len(dataset.x_val)),
+            )
+        structures: dict[tuple[str, ...], list[Chain]] = {}
+        for chain in grid.chains:
+            structures.setdefault(chain_structure(chain), []).append(chain)
+        for structure, chains in structures.items():
+            plan.append((scenario, config, datasets[key], structure, chains))
+    return plan
+
+
 def run_grid(
     grid: Grid,
     *,
@@ -138,27 +165,11 @@ def run_grid(
        per_seed: the per-seed table of every cell, with its "diagnosis" (None if none)).
 
     Raises:
-      nanlab.train.BadInput: unreadable data or a batch larger than the data.
+      nanlab.config.BadInput: unreadable data or a batch larger than the data.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    datasets: dict[tuple, CellData] = {}
-    plan = []
-    for scenario in grid.scenarios:
-        config = grid.configs[scenario]
-        key = _data_key(config)
-        if key not in datasets:
-            dataset, _ = data_lib.load_for_config(config)
-            datasets[key] = CellData(
-                x_train=dataset.x_train, y_train=dataset.y_train, x_val=dataset.x_val, y_val=dataset.y_val,
-                num_eval_train=min(len(dataset.x_train), len(dataset.x_val)),
-            )
-        structures: dict[tuple[str, ...], list[Chain]] = {}
-        for chain in grid.chains:
-            structures.setdefault(chain_structure(chain), []).append(chain)
-        for structure, chains in structures.items():
-            plan.append((scenario, config, datasets[key], structure, chains))
-
+    plan = _plan(grid)
     total = sum(len(chains) * len(grid.seeds) * grid.steps for *_, chains in plan)
     runs: dict[tuple[str, Chain], CellRun] = {}
     diagnoses: dict[tuple[str, Chain], dict[str, Any] | None] = {}

@@ -21,7 +21,10 @@ import optax
 from nanlab.compare.chains import Chain, chain_thresholds, find_probe_state, make_lab_tx
 from nanlab.step import TrainState, create_train_state, make_eval_step, make_train_step
 
-__all__ = ['Problem', 'Replica', 'ReplicaState', 'StepRecord', 'init_replica', 'make_eval_fn', 'make_replica_step', 'replica_train_step', 'replicas_of']
+__all__ = [
+    "Problem", "Replica", "ReplicaState", "StepRecord", "init_replica", "make_eval_fn", "make_replica_step",
+    "replica_train_step", "replicas_of",
+]
 
 class Replica(NamedTuple):
     """What distinguishes one trained replica from another inside a compiled group.

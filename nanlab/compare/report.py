@@ -13,7 +13,7 @@ from nanlab.compare.runner import CellRun
 from nanlab.compare.summary import COLUMNS
 from nanlab.runlog import write_json
 
-__all__ = ['OUTPUT_FILES', 'results_table', 'write_csv', 'write_plots', 'write_results_json']
+__all__ = ["OUTPUT_FILES", "results_table", "write_csv", "write_plots", "write_results_json"]
 
 OUTPUT_FILES = ("results.csv", "results.json", "loss_curves.png", "nonfinite_rate.png", "grad_norms.png")
 

@@ -19,10 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanlab.compare.chains import Chain, chain_structure, chain_thresholds
-from nanlab.compare.replicas import Problem, StepRecord, init_replica, make_eval_fn, make_replica_step, replica_train_step, replicas_of
+from nanlab.compare.replicas import (
+    Problem,
+    StepRecord,
+    init_replica,
+    make_eval_fn,
+    make_replica_step,
+    replica_train_step,
+    replicas_of,
+)
 from nanlab.data import batch_at
 
-__all__ = ['CellData', 'CellRun', 'batch_indices', 'chunk_lengths', 'diagnose_first_failure', 'replica_mesh', 'train_group']
+__all__ = [
+    "CellData", "CellRun", "batch_indices", "chunk_lengths", "diagnose_first_failure", "replica_mesh",
+    "train_group",
+]
 
 @dataclasses.dataclass(frozen=True)
 class CellData:

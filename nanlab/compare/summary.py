@@ -16,7 +16,7 @@ from nanlab.compare.runner import CellRun
 from nanlab.runlog import json_float
 from nanlab.stats import bootstrap_mean_ci
 
-__all__ = ['COLUMNS', 'per_seed_table', 'seed_outcomes', 'summarize_cell']
+__all__ = ["COLUMNS", "per_seed_table", "seed_outcomes", "summarize_cell"]
 
 # results.csv / results.json columns, in order, with their meaning (the README lists these).
 COLUMNS: dict[str, str] = {

@@ -9,14 +9,14 @@ count of NaN/inf entries}``; otherwise nothing is computed.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "ACTIVATIONS", "Activation", "BN_EPSILON", "BN_MOMENTUM", "MIN_CHANNELS", "resolve_activation",
+    "ACTIVATIONS", "Activation", "BN_EPSILON", "BN_MOMENTUM", "MIN_CHANNELS", "ModelKnobs", "resolve_activation",
     "scaled_channels", "sow_block_stats",
 ]
 
@@ -91,3 +91,23 @@ def sow_block_stats(module: nn.Module, y: jax.Array) -> None:
     # Combine rather than overwrite, should a block ever run twice in one apply.
     module.sow("stats", "max_abs", max_abs, init_fn=lambda: -jnp.inf, reduce_fn=jnp.maximum)
     module.sow("stats", "nonfinite", nonfinite, init_fn=lambda: 0, reduce_fn=jnp.add)
+
+
+class ModelKnobs(nn.Module):
+    """The knobs every model of the lab takes (`nanlab.models.model_knobs` fills them from a TrainConfig).
+
+    Attributes:
+      num_classes: width of the dense head; float32 logits out.
+      hidden_activation: "relu", "sigmoid", "tanh" or a callable, after every convolution.
+      use_batchnorm: BatchNorm after each convolution; off, the convolution carries a bias.
+      width_multiplier: scales every convolution's channels (`scaled_channels`).
+      dtype: the compute dtype; parameters stay float32.
+      dropout_rate: dropout before the dense head (rng name 'dropout').
+    """
+
+    num_classes: int = 1
+    hidden_activation: Activation = "relu"
+    use_batchnorm: bool = True
+    width_multiplier: float = 1.0
+    dtype: Any = jnp.float32
+    dropout_rate: float = 0.0

@@ -57,12 +57,18 @@ from nanlab.models.common import (
     BN_EPSILON,
     BN_MOMENTUM,
     Activation,
+    ModelKnobs,
     resolve_activation,
     scaled_channels,
     sow_block_stats,
 )
 from nanlab.models.conv import Conv
 from nanlab.numerics import tree_norm
+
+__all__ = [
+    "BLOCK_NAMES", "InceptionV3", "abstract_variables", "activation_stats", "init_variables", "module_grad_norms",
+    "predict",
+]
 
 # Keras's default kernel initializer for Conv2D and Dense; biases and BatchNorm's beta start
 # at zero, moving means at zero, moving variances at one (also Keras's and flax's defaults).
@@ -266,6 +272,14 @@ class InceptionE(_Block):
         return y
 
 
+def _dense_logits(module: nn.Module, features: jax.Array, num_classes: int) -> jax.Array:
+    """The float32 dense layer 'Dense' of a head, called inside `module`'s compact method; sows its stats."""
+    logits = nn.Dense(num_classes, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=KERNEL_INIT,
+                      name="Dense")(features)
+    sow_block_stats(module, logits)
+    return logits
+
+
 class InceptionAux(_Block):
     """The paper's auxiliary classifier on the 17x17 grid (torchvision's InceptionAux).
 
@@ -287,15 +301,7 @@ class InceptionAux(_Block):
         conv_padding = "VALID" if min(y.shape[1:3]) >= 5 else "SAME"
         y = self.conv(768, (5, 5), "Conv2d_2a_5x5", padding=conv_padding)(y, train=train)
         features = jnp.mean(y.astype(jnp.float32), axis=(1, 2))
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            kernel_init=KERNEL_INIT,
-            name="Dense",
-        )(features)
-        sow_block_stats(self, logits)
-        return logits
+        return _dense_logits(self, features, self.num_classes)
 
 
 class Head(nn.Module):
@@ -310,30 +316,16 @@ class Head(nn.Module):
         # stability needs their full precision, and the head costs nothing.
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(features)
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            kernel_init=KERNEL_INIT,
-            name="Dense",
-        )(features)
-        sow_block_stats(self, logits)
-        return logits
+        return _dense_logits(self, features, self.num_classes)
 
 
-class InceptionV3(nn.Module):
-    """InceptionV3 with the knobs of the lab; see the module docstring.
+class InceptionV3(ModelKnobs):
+    """InceptionV3 with the knobs of the lab (`ModelKnobs`' and its own); see the module docstring.
 
     `__call__(x, *, train)` -> float32 logits (batch, num_classes); with aux_logits=True and
     train=True, (logits, aux_logits); with include_top=False, pooled features.
     """
 
-    num_classes: int = 1
-    hidden_activation: Activation = "relu"
-    use_batchnorm: bool = True
-    width_multiplier: float = 1.0
-    dtype: Any = jnp.float32
-    dropout_rate: float = 0.0
     aux_logits: bool = False
     conv_impl: str = "auto"
     include_top: bool = True

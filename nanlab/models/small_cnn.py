@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nanlab.models.common import BN_MOMENTUM, Activation, resolve_activation, scaled_channels, sow_block_stats
+from nanlab.models import common
 
 __all__ = ["SmallCNN"]
 
@@ -26,7 +26,7 @@ class ConvBlock(nn.Module):
     """A 3x3 stride-2 convolution, BatchNorm (or a bias), activation; sows its statistics."""
 
     features: int
-    hidden_activation: Activation
+    hidden_activation: common.Activation
     use_batchnorm: bool
     dtype: Any
 
@@ -34,27 +34,20 @@ class ConvBlock(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         h = nn.Conv(self.features, (3, 3), (2, 2), use_bias=not self.use_batchnorm, dtype=self.dtype)(x)
         if self.use_batchnorm:
-            h = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(h)
-        h = resolve_activation(self.hidden_activation)(h)
-        sow_block_stats(self, h)
+            h = nn.BatchNorm(use_running_average=not train, momentum=common.BN_MOMENTUM)(h)
+        h = common.resolve_activation(self.hidden_activation)(h)
+        common.sow_block_stats(self, h)
         return h
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(common.ModelKnobs):
     """Three strided conv blocks -> global mean -> dense; float32 logits (batch, num_classes)."""
-
-    num_classes: int = 1
-    hidden_activation: Activation = "relu"
-    use_batchnorm: bool = True
-    width_multiplier: float = 1.0
-    dtype: Any = jnp.float32
-    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         h = x.astype(self.dtype)
         for index, features in enumerate(FEATURES, start=1):
-            block = ConvBlock(scaled_channels(features, self.width_multiplier), self.hidden_activation,
+            block = ConvBlock(common.scaled_channels(features, self.width_multiplier), self.hidden_activation,
                               self.use_batchnorm, self.dtype, name=f"Conv{index}")
             h = block(h, train=train)
         h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
