@@ -16,6 +16,12 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+__all__ = [
+    "BUILTIN_DATA", "BadInput", "DTYPES", "HIDDEN_ACTIVATIONS", "INCEPTION_V3_BLOCKS", "LOSSES", "MIN_IMAGE_SIZE",
+    "MODELS", "NORMALIZE_MODES", "OPTIMIZERS", "PRESETS", "PRESET_OVERRIDES", "SCENARIOS", "SCHEDULES",
+    "TrainConfig", "default_preset", "describe_scenarios", "make_config", "validate",
+]
+
 PRESETS = ("cpu", "accelerator")
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop")
 SCHEDULES = ("constant", "cosine", "warmup-cosine")

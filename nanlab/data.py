@@ -45,6 +45,11 @@ from PIL import Image
 
 from nanlab.config import BUILTIN_DATA, MIN_IMAGE_SIZE, NORMALIZE_MODES, BadInput
 
+__all__ = [
+    "DataError", "Dataset", "batch_at", "builtin_dataset", "eval_batches", "fit_normalizer", "input_stats",
+    "load_dataset", "load_for_config", "make_mesh", "normalize", "process_slice", "replicate", "shard_batch",
+]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BATCH_AXIS = "batch"
 

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from nanlab.config import INCEPTION_V3_BLOCKS
+
+__all__ = ["FIXES", "Verdict", "diagnose", "diagnose_history"]
 
 UNSCALED_MAX_ABS = 20.0  # |x| beyond this is not a normalized input (standardized data rarely passes 6)
 HIGH_UPDATE_RATIO = 0.1  # healthy training moves weights by ~1e-3 of their norm per step
@@ -253,3 +257,19 @@ def _report_line(report: Any) -> str:
     if origin is None:
         return f"trace: {report.cause} (non-finite on entry: {', '.join(report.bad_inputs)})"
     return f"trace: {origin.cause} at {origin.where()}"
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its `diagnose` function.
+
+    The package re-exports `diagnose` as ``nanlab.diagnose``, a name that importing this submodule
+    also binds (to the module); a callable module makes ``nanlab.diagnose(report)`` and
+    ``nanlab.diagnose.diagnose_history(...)`` both work whatever was imported first.
+    """
+
+    def __call__(self, report: Any, batch: Any = None,
+                 history: Sequence[Mapping[str, Any]] | None = None) -> Verdict:
+        return diagnose(report, batch=batch, history=history)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -30,6 +30,12 @@ import optax
 
 from nanlab.config import OPTIMIZERS, SCHEDULES
 
+__all__ = [
+    "CLIP_FACTORIES", "CLIP_NAMES", "ClipSpec", "Schedule", "SkipNonfiniteState", "clip_activity",
+    "make_clip_chain", "make_optimizer", "make_schedule", "make_tx", "parse_clip_spec", "skip_nonfinite",
+    "tree_all_finite",
+]
+
 # Clip name -> optax factory taking the threshold (a float, or a traced array in the clipping lab).
 CLIP_FACTORIES: dict[str, Callable[[Any], optax.GradientTransformation]] = {
     "global_norm": optax.clip_by_global_norm,  # max global L2 norm

@@ -36,6 +36,12 @@ import optax
 
 from nanlab.numerics import finite_from_sq_norm, tree_norm, tree_sq_norm, tree_sq_norms
 
+__all__ = [
+    "Batch", "LossFn", "StepStats", "TrainState", "activation_max_abs", "batch_accuracy", "create_train_state",
+    "find_skip_state", "make_batch_moments_fn", "make_eval_step", "make_loop_step", "make_train_step",
+    "recalibrated", "update_telemetry",
+]
+
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Batch = tuple[jax.Array, jax.Array]
 
