@@ -19,15 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanlab.compare.chains import Chain, chain_structure, chain_thresholds
-from nanlab.compare.replicas import (
-    Problem,
-    StepRecord,
-    init_replica,
-    make_eval_fn,
-    make_replica_step,
-    replica_train_step,
-    replicas_of,
-)
+from nanlab.compare.replicas import Problem, StepRecord, init_replica, make_eval_fn, make_replica_step
+from nanlab.compare.replicas import replica_train_step, replicas_of
 from nanlab.data import batch_at
 
 __all__ = [
