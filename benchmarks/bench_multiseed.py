@@ -30,8 +30,9 @@ import jax
 
 from nanlab import compare
 from nanlab import config as config_lib
-from nanlab import optim
-from nanlab import train as train_lib
+from nanlab import models, optim
+from nanlab import data as data_lib
+from nanlab import losses
 
 
 def build(args: argparse.Namespace) -> tuple[compare.Problem, compare.CellData]:
@@ -40,11 +41,11 @@ def build(args: argparse.Namespace) -> tuple[compare.Problem, compare.CellData]:
         "preset": "cpu", "steps": args.steps, "batch_size": args.batch_size, "image_size": args.image_size,
         "width_multiplier": args.width_multiplier, "num_train": 512, "num_val": 128,
     })
-    dataset, _ = train_lib.load_data(config)
+    dataset, _ = data_lib.load_for_config(config)
     data = compare.CellData(dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, num_eval_train=128)
     problem = compare.Problem(
-        model=train_lib.build_model(config, dataset.y_train.shape[1]),
-        loss_fn=train_lib.build_loss(config),
+        model=models.build(config, dataset.y_train.shape[1]),
+        loss_fn=losses.by_name(config.loss),
         structure=compare.CANONICAL_STRUCTURE,
         optimizer=config.optimizer,
         schedule=optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps),

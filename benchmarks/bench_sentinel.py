@@ -20,7 +20,7 @@ alike:
 - jax_debug_nans: the plain step with `jax_debug_nans` on (host checks after every jitted call),
   not donated, as nanlab's loop runs it under --debug-nans.
 - checkify: the plain step under `checkify.checkify(errors=float_checks)`, error fetched each step.
-- nanlab loop step: `nanlab.train.make_loop_step` over `nanlab.step.make_train_step`, exactly what
+- nanlab loop step: `nanlab.step.make_loop_step` over `nanlab.step.make_train_step`, exactly what
   the training loop runs on every step; and "(logged)": what it runs on the steps it logs (the
   weights copied before the step, `nanlab.step.update_telemetry` after it).
 
@@ -58,10 +58,10 @@ import numpy as np
 import optax
 from jax.experimental import checkify
 
-from nanlab.compare import bootstrap_ci
+from nanlab.stats import bootstrap_ci
 from nanlab.config import TrainConfig
 from nanlab.models.inception_v3 import InceptionV3, init_variables
-from nanlab.step import finite_from_sq_norm, tree_sq_norm
+from nanlab.numerics import finite_from_sq_norm, tree_sq_norm
 from nanlab.trace import localize
 
 
@@ -130,7 +130,7 @@ VARIANTS = ("plain (again)", "sentinel", "sentinel gate only", "sentinel reducti
 def run(width: float, size: int, batch: int, rounds: int, variants: list[str] | None = None,
         seed: int = 0) -> dict[str, Any]:
     from nanlab.step import TrainState, make_train_step, update_telemetry
-    from nanlab.train import make_loop_step
+    from nanlab.step import make_loop_step
 
     model, tx, state, data = build(width, size, batch, seed)
     # Every variant but jax_debug_nans donates its state, as nanlab's loop does (a donated step

@@ -20,7 +20,11 @@ from collections.abc import Callable, Sequence
 
 from hypothesis import settings
 
-from nanlab import testing
+from nanlab import _cli, testing
+
+__all__ = ["build_parser", "main"]
+
+PROG = "nanlab.check"
 
 
 class BadArgument(ValueError):
@@ -77,8 +81,9 @@ def format_table(results: Sequence[testing.PropertyResult]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m nanlab.check",
+    """The argument parser (a bad flag: one line on stderr, exit 2)."""
+    parser = _cli.Parser(
+        PROG,
         description="Run nanlab's property battery on a binary loss fn(logits, labels).",
     )
     parser.add_argument("target", help="MODULE:FUNCTION, e.g. nanlab.losses:sigmoid_binary_cross_entropy")
@@ -101,8 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_examples < 1:
             raise BadArgument(f"--max-examples must be >= 1, got {args.max_examples}")
     except BadArgument as error:
-        print(f"nanlab.check: error: {error}", file=sys.stderr)
-        return 2
+        return _cli.report_bad_input(PROG, error)
     hypothesis_settings = settings(max_examples=args.max_examples, derandomize=True, database=None, deadline=None)
     results = testing.run_battery(
         fn, label_kind=args.labels, skip=skip, hypothesis_settings=hypothesis_settings

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+__all__ = ["CheckpointError", "Checkpointer", "nonfinite_leaves"]
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written (non-finite state) or restored (corrupt, mismatched)."""

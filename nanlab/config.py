@@ -16,10 +16,17 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+__all__ = [
+    "BUILTIN_DATA", "BadInput", "DTYPES", "HIDDEN_ACTIVATIONS", "INCEPTION_V3_BLOCKS", "LOSSES", "MIN_IMAGE_SIZE",
+    "MODELS", "NORMALIZE_MODES", "OPTIMIZERS", "PRESETS", "PRESET_OVERRIDES", "SCENARIOS", "SCHEDULES",
+    "TrainConfig", "default_preset", "describe_scenarios", "make_config", "validate",
+]
+
 PRESETS = ("cpu", "accelerator")
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop")
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 NORMALIZE_MODES = ("none", "unit", "standardize")
+BUILTIN_DATA = ("builtin", "builtin-multilabel")  # generated in memory; anything else is a path
 DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh")
 MODELS = ("inception_v3", "small_cnn")
@@ -30,6 +37,16 @@ LOSSES = (
     "naive_sigmoid_focal_loss",
 )
 MIN_IMAGE_SIZE = 75  # InceptionV3's stem and reductions need at least 75x75 inputs.
+# InceptionV3's top-level blocks, input to output (names of its `stats` entries and params subtrees).
+INCEPTION_V3_BLOCKS: tuple[str, ...] = (
+    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+    "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+    "AuxLogits", "Mixed_7a", "Mixed_7b", "Mixed_7c", "Logits",
+)
+
+
+class BadInput(ValueError):
+    """A problem with the user's input (flags, data, workdir): one line on stderr, exit code 2."""
 
 
 @dataclasses.dataclass(frozen=True)

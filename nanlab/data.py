@@ -43,8 +43,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-MIN_IMAGE_SIZE = 75  # InceptionV3's smallest input: smaller maps shrink to nothing in the stem.
-NORMALIZE_MODES = ("none", "unit", "standardize")
+from nanlab.config import BUILTIN_DATA, MIN_IMAGE_SIZE, NORMALIZE_MODES, BadInput
+
+__all__ = [
+    "DataError", "Dataset", "batch_at", "builtin_dataset", "eval_batches", "fit_normalizer", "input_stats",
+    "load_dataset", "load_for_config", "make_mesh", "normalize", "process_slice", "replicate", "shard_batch",
+]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BATCH_AXIS = "batch"
 
@@ -398,6 +403,35 @@ def load_dataset(spec: str, image_size: int, seed: int, val_fraction: float = 0.
 # --------------------------------------------------------------------------------------------
 # Statistics and normalization
 # --------------------------------------------------------------------------------------------
+
+
+def load_for_config(config: Any) -> tuple[Dataset, dict[str, dict[str, float]]]:
+    """A TrainConfig's dataset, scaled by ``input_scale`` and normalized; plus raw and normalized input stats.
+
+    Returns:
+      (Dataset with normalized x, {"raw": stats, "normalized": stats}).
+
+    Raises:
+      BadInput: unreadable data, or a batch larger than the training set.
+    """
+    try:
+        if config.data in BUILTIN_DATA:
+            kind = "binary" if config.data == "builtin" else "multilabel"
+            dataset = builtin_dataset(kind, config.image_size, config.num_train, config.num_val, config.seed)
+        else:
+            dataset = load_dataset(config.data, config.image_size, config.seed)
+    except ValueError as error:  # DataError is a ValueError
+        raise BadInput(f"--data {config.data}: {error}") from None
+    if config.batch_size > len(dataset.x_train):
+        raise BadInput(f"--batch-size {config.batch_size} is larger than the training set ({len(dataset.x_train)} examples)")
+    x_train = dataset.x_train * np.float32(config.input_scale)
+    x_val = dataset.x_val * np.float32(config.input_scale)
+    normalizer = fit_normalizer(x_train, config.normalize)
+    x_train = normalize(x_train, config.normalize, normalizer)
+    x_val = normalize(x_val, config.normalize, normalizer)
+    stats = {"raw": input_stats(dataset.x_train * np.float32(config.input_scale)),
+             "normalized": input_stats(x_train)}
+    return dataclasses.replace(dataset, x_train=x_train, x_val=x_val), stats
 
 
 def input_stats(x: np.ndarray) -> dict[str, float]:

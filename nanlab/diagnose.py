@@ -22,10 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from nanlab.config import INCEPTION_V3_BLOCKS
+
+__all__ = ["FIXES", "Verdict", "diagnose", "diagnose_history"]
 
 UNSCALED_MAX_ABS = 20.0  # |x| beyond this is not a normalized input (standardized data rarely passes 6)
 HIGH_UPDATE_RATIO = 0.1  # healthy training moves weights by ~1e-3 of their norm per step
@@ -54,12 +60,9 @@ FIXES: dict[str, str] = {
     "none": "nothing to fix",
 }
 
-# InceptionV3's blocks from input to output; other models keep the order their history gives.
-INCEPTION_BLOCK_ORDER = (
-    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-    "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-    "Mixed_7a", "Mixed_7b", "Mixed_7c", "Logits",
-)
+# InceptionV3's blocks from input to output, without the auxiliary head (a side branch, not a
+# step of the path from the output back to the input); other models keep their history's order.
+INCEPTION_BLOCK_ORDER = tuple(name for name in INCEPTION_V3_BLOCKS if name != "AuxLogits")
 
 
 @dataclasses.dataclass
@@ -260,3 +263,19 @@ def _report_line(report: Any) -> str:
     if origin is None:
         return f"trace: {report.cause} (non-finite on entry: {', '.join(report.bad_inputs)})"
     return f"trace: {origin.cause} at {origin.where()}"
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its `diagnose` function.
+
+    The package re-exports `diagnose` as ``nanlab.diagnose``, a name that importing this submodule
+    also binds (to the module); a callable module makes ``nanlab.diagnose(report)`` and
+    ``nanlab.diagnose.diagnose_history(...)`` both work whatever was imported first.
+    """
+
+    def __call__(self, report: Any, batch: Any = None,
+                 history: Sequence[Mapping[str, Any]] | None = None) -> Verdict:
+        return diagnose(report, batch=batch, history=history)
+
+
+sys.modules[__name__].__class__ = _CallableModule

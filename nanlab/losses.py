@@ -33,6 +33,13 @@ from jax import lax
 
 from nanlab import _float_pairs as pairs
 from nanlab._float_pairs import Pair
+from nanlab.config import LOSSES
+
+__all__ = [
+    "binary_cross_entropy_from_probabilities", "by_name", "naive_sigmoid_binary_cross_entropy",
+    "naive_sigmoid_focal_loss", "sigmoid_binary_cross_entropy", "sigmoid_focal_loss", "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels", "stable_sigmoid",
+]
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -786,3 +793,10 @@ def naive_sigmoid_focal_loss(logits, labels, *, alpha: float = 0.25, gamma: floa
     p_t = p * labels + (1 - p) * (1 - labels)
     alpha_t = alpha * labels + (1 - alpha) * (1 - labels)
     return alpha_t * (1 - p_t) ** gamma * ce
+
+
+def by_name(name: str):
+    """The per-element loss called `name` (a name of `nanlab.config.LOSSES`, e.g. from --loss)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return globals()[name]

@@ -10,7 +10,7 @@ Everything here is built from optax; only what optax lacks is written by hand:
   the incoming gradients). It checks the loss, the gradients and the inner updates, and on a bad
   step returns zero updates and leaves the inner state untouched -- forever.
 * `make_tx`: clip -> optimizer, optionally wrapped by the guard.
-* `global_norm_f32` and `clip_activity`: cheap telemetry for the step and the clipping lab.
+* `clip_activity`: cheap telemetry for the clipping lab (float32 norms: `nanlab.numerics`).
 
 All transformations are jit-safe: no Python ``if`` on traced values.
 
@@ -28,9 +28,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-CLIP_NAMES = ("global_norm", "value", "agc")
-SCHEDULE_NAMES = ("constant", "cosine", "warmup-cosine")
-OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "momentum", "rmsprop")
+from nanlab.config import OPTIMIZERS, SCHEDULES
+
+__all__ = [
+    "CLIP_FACTORIES", "CLIP_NAMES", "ClipSpec", "Schedule", "SkipNonfiniteState", "clip_activity",
+    "make_clip_chain", "make_optimizer", "make_schedule", "make_tx", "parse_clip_spec", "skip_nonfinite",
+    "tree_all_finite",
+]
+
+# Clip name -> optax factory taking the threshold (a float, or a traced array in the clipping lab).
+CLIP_FACTORIES: dict[str, Callable[[Any], optax.GradientTransformation]] = {
+    "global_norm": optax.clip_by_global_norm,  # max global L2 norm
+    "value": optax.clip,  # max |g| per element
+    "agc": optax.adaptive_grad_clip,  # max unit-wise |g| / |param|
+}
+CLIP_NAMES = tuple(CLIP_FACTORIES)
 
 # Momentum of the "momentum" optimizer (SGD with heavy-ball momentum), the usual choice.
 MOMENTUM = 0.9
@@ -94,13 +106,9 @@ def parse_clip_spec(spec: str) -> ClipSpec:
 
 def _clip_transform(name: str, value: float) -> optax.GradientTransformation:
     """One parsed clip part -> its optax transformation."""
-    if name == "global_norm":
-        return optax.clip_by_global_norm(value)
-    if name == "value":
-        return optax.clip(value)
-    if name == "agc":
-        return optax.adaptive_grad_clip(value)
-    raise ValueError(f"unknown clip {name!r}")
+    if name not in CLIP_FACTORIES:
+        raise ValueError(f"unknown clip {name!r}")
+    return CLIP_FACTORIES[name](value)
 
 
 def make_clip_chain(spec: Union[str, ClipSpec]) -> optax.GradientTransformation:
@@ -175,7 +183,7 @@ def make_schedule(name: str, lr: float, total_steps: int, warmup_steps: int = 0)
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=total_steps, end_value=0.0
         )
-    raise ValueError(f"unknown schedule {name!r} (choose from {', '.join(SCHEDULE_NAMES)})")
+    raise ValueError(f"unknown schedule {name!r} (choose from {', '.join(SCHEDULES)})")
 
 
 def make_optimizer(name: str, schedule: Schedule, weight_decay: float = 0.0) -> optax.GradientTransformation:
@@ -206,7 +214,7 @@ def make_optimizer(name: str, schedule: Schedule, weight_decay: float = 0.0) -> 
         "rmsprop": lambda: optax.rmsprop(schedule),
     }
     if name not in builders:
-        raise ValueError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZER_NAMES)})")
+        raise ValueError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
     optimizer = builders[name]()
     if weight_decay > 0:
         return optax.chain(optax.add_decayed_weights(float(weight_decay)), optimizer)
@@ -356,31 +364,6 @@ def make_tx(
 # --------------------------------------------------------------------------------------------
 # Telemetry
 # --------------------------------------------------------------------------------------------
-
-
-def global_norm_f32(tree: Any) -> jax.Array:
-    """Global L2 norm of a pytree, computed in float32 whatever the leaves' dtype.
-
-    ``optax.tree.norm`` squares in the leaves' dtype: float16 gradients overflow to inf once an
-    element exceeds ~256 (256**2 > 65504). Here each leaf is upcast to float32 first, and the sum
-    is scaled by the largest |element| so that even float32 squares cannot overflow (norms up to
-    float32 max are exact in range). NaN anywhere gives NaN; inf anywhere gives inf.
-
-    Args:
-      tree: a pytree of arrays (may be empty).
-
-    Returns:
-      A float32 scalar.
-    """
-    leaves = [jnp.asarray(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
-    if not leaves:
-        return jnp.zeros([], jnp.float32)
-    max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf), initial=0.0) for leaf in leaves]))
-    # Scale by max|x| so squares stay <= 1 (no overflow for |x| > 1.8e19); fall back to 1 when the
-    # maximum is 0 (all zeros), inf (the sum then is inf, as it should) or NaN (sum is NaN anyway).
-    scale = jnp.where(jnp.isfinite(max_abs) & (max_abs > 0), max_abs, 1.0)
-    sum_sq = sum(jnp.sum(jnp.square(leaf / scale)) for leaf in leaves)
-    return scale * jnp.sqrt(sum_sq)
 
 
 def clip_activity(raw_grads: Any, clipped_grads: Any) -> jax.Array:

@@ -29,12 +29,29 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 PLOT_FILES = ("loss.png", "grad_norm.png", "module_grad_norms.png")
 
+__all__ = [
+    "CONFIG_FILE", "METRICS_FILE", "PLOT_FILES", "SUMMARY_FILE", "RunLog", "json_float", "plot_metrics",
+    "print_summary", "read_metrics", "summary_rows", "truncate_metrics", "write_json",
+]
 
-def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
-    """Write `payload` as indented JSON, atomically (temporary file, then rename)."""
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any], *, strict: bool = False, indent: int = 2,
+               sort_keys: bool = True) -> None:
+    """Write `payload` as indented JSON, atomically (temporary file, then rename).
+
+    Args:
+      path: the file.
+      payload: a JSON-ready mapping; numpy scalars and arrays are converted with ``.tolist()``.
+      strict: write NaN and infinities as null (strict JSON, for tools that do not read Python's
+        ``NaN``/``Infinity`` extension); otherwise they stay ``NaN``/``Infinity`` (metrics files).
+      indent, sort_keys: as `json.dumps`.
+    """
+    if strict:
+        payload = _nonfinite_as_null(payload)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    text = json.dumps(payload, indent=indent, sort_keys=sort_keys, default=_json_default, allow_nan=not strict)
+    tmp.write_text(text + "\n")
     tmp.replace(path)
 
 
@@ -43,6 +60,23 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
+
+
+def json_float(value: Any) -> float | None:
+    """A float for strict JSON: NaN and infinities become None."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _nonfinite_as_null(value: Any) -> Any:
+    """`value` with every float NaN/inf, at any depth of dicts, lists and tuples, turned into None."""
+    if isinstance(value, float):
+        return json_float(value)
+    if isinstance(value, Mapping):
+        return {key: _nonfinite_as_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nonfinite_as_null(item) for item in value]
+    return value
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

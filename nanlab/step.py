@@ -34,6 +34,14 @@ import jax.numpy as jnp
 from jax import lax
 import optax
 
+from nanlab.numerics import finite_from_sq_norm, tree_norm, tree_sq_norm, tree_sq_norms
+
+__all__ = [
+    "Batch", "LossFn", "StepStats", "TrainState", "activation_max_abs", "batch_accuracy", "create_train_state",
+    "find_skip_state", "make_batch_moments_fn", "make_eval_step", "make_loop_step", "make_train_step",
+    "recalibrated", "update_telemetry",
+]
+
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Batch = tuple[jax.Array, jax.Array]
 
@@ -112,67 +120,6 @@ def create_train_state(
         opt_state=tx.init(params),
         rng=dropout_key,
     )
-
-
-def tree_sq_norms(tree: Any, *, nan_if_nonfinite: bool = False) -> dict[str, jax.Array]:
-    """Sum of squares of each top-level subtree, accumulated in float32.
-
-    Float32 keeps a bfloat16/float16 tree's squares from overflowing their narrow range.
-
-    Args:
-      tree: a pytree of arrays (a dict's top-level keys name the sums).
-      nan_if_nonfinite: make a sum NaN exactly when its subtree holds a NaN or an Inf, so that
-        the sum is also the finite flag (`finite_from_sq_norm`); a sum of finite values that
-        overflows stays inf.
-    """
-    if not isinstance(tree, dict):
-        tree = {"": tree}
-    return {name: _sum_of_squares(jax.tree.leaves(sub), nan_if_nonfinite) for name, sub in tree.items()}
-
-
-# Below this many elements an array's reduction costs its kernel launch more than its bytes.
-_SMALL_LEAF = 4096
-
-
-def _squares(x: jax.Array, nan_if_nonfinite: bool) -> jax.Array:
-    x = x.astype(jnp.float32)
-    if nan_if_nonfinite:
-        # x*0 is 0 for finite x and NaN for +-inf (and NaN), so an inf value makes the sum NaN
-        # rather than inf, and an inf sum can only be an overflow of finite values (|x| > ~1.8e19).
-        # One reduction thus gives both the norm and the finite flag, with no second pass.
-        return x * x + x * 0.0
-    return jnp.square(x)
-
-
-def _sum_of_squares(leaves: list[jax.Array], nan_if_nonfinite: bool = False) -> jax.Array:
-    """Float32 sum of the squares of all `leaves`."""
-    sums = [jnp.sum(_squares(leaf, nan_if_nonfinite)) for leaf in leaves if leaf.size >= _SMALL_LEAF]
-    small = [leaf.astype(jnp.float32).ravel() for leaf in leaves if leaf.size < _SMALL_LEAF]
-    if small:
-        # On CPU every reduction is a kernel of its own: the BatchNorm scales and biases (half
-        # of InceptionV3's 190 arrays) are reduced as one concatenation, which took a pass over
-        # the width-0.25 model's parameters from 0.61 to 0.44 ms in a probe.
-        sums.append(jnp.sum(_squares(jnp.concatenate(small), nan_if_nonfinite)))
-    return sum(sums, jnp.zeros((), jnp.float32))
-
-
-def finite_from_sq_norm(sq_norm: jax.Array) -> jax.Array:
-    """Whether a tree is free of NaN and Inf, from its ``nan_if_nonfinite`` sum of squares.
-
-    Squares are >= 0, so such a sum is NaN exactly when a value was NaN or infinite; an inf sum
-    is an overflow of finite values and counts as finite.
-    """
-    return ~jnp.isnan(sq_norm)
-
-
-def tree_sq_norm(tree: Any, *, nan_if_nonfinite: bool = False) -> jax.Array:
-    """Global sum of squares of `tree` in float32 (the squared global L2 norm); see `tree_sq_norms`."""
-    return sum(tree_sq_norms(tree, nan_if_nonfinite=nan_if_nonfinite).values(), jnp.zeros((), jnp.float32))
-
-
-def tree_norm(tree: Any) -> jax.Array:
-    """Global L2 norm of `tree` in float32."""
-    return jnp.sqrt(tree_sq_norm(tree))
 
 
 def update_telemetry(params_before: Any, params_after: Any) -> dict[str, jax.Array]:
@@ -364,6 +311,22 @@ def make_train_step(
         return new_state, step_stats
 
     return train_step
+
+
+def make_loop_step(train_step, *, skip_nonfinite: bool, donate: bool = True):
+    """The jitted step the loop runs: ``loop_step(state, batch, ok) -> (state, stats, ok)``.
+
+    `ok` turns False at the first non-finite step (without skipping) and freezes the state from
+    then on, so the host may look only at log intervals and still find the exact state before the
+    failure. The step gates its own update on `ok` (a lax.cond around the whole step doubled its
+    time on the cpu preset). Donates the state unless `donate` is False (jax_debug_nans re-runs a
+    failing call on its arguments, which must then still exist).
+    """
+    def loop_step(state, batch, ok):
+        new_state, stats = train_step(state, batch, ok)
+        return new_state, stats, ok & (stats.finite | skip_nonfinite)
+
+    return jax.jit(loop_step, donate_argnums=(0,) if donate else ())
 
 
 def make_eval_step(model: nn.Module, loss_fn: LossFn) -> Callable[[TrainState, Batch, jax.Array], dict]:

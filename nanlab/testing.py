@@ -34,6 +34,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+__all__ = [
+    "Counterexample", "LossPropertyError", "PROPERTIES", "PropertyResult", "bce_gradient_reference",
+    "bce_reference", "check_binary_loss", "float32_ulp", "focal_gradient_reference", "focal_reference",
+    "hard_labels", "labels", "logits", "run_battery", "soft_labels", "ulp_error",
+]
+
 REFERENCE_DIGITS = 60  # >= 50 decimal digits: float32 needs ~9, the margin absorbs any cancellation
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_MIN = float(np.finfo(np.float32).tiny)  # smallest normal float32

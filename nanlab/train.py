@@ -23,36 +23,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import math
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from nanlab import _cli
 from nanlab import config as config_lib
+from nanlab._cli import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK
+from nanlab.config import BadInput
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_NONFINITE", "EXIT_OK", "build_parser", "config_from_args", "main", "run"]
 
 PROG = "nanlab.train"
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
 RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "report.json")
 
 
-class BadInput(ValueError):
-    """A problem with the user's input: reported as one line, exit code 2."""
-
-
 # ------------------------------------------------------------------------------------------ the CLI
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (no usage block) and exits 2."""
-
-    def error(self, message: str) -> None:  # noqa: D401 - argparse's hook
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
 
 
 def _preset_default(field: str) -> str:
@@ -69,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     Flags left out stay None (booleans too), so that `make_config` can tell an explicit flag
     (which wins over the scenario) from a default.
     """
-    p = _Parser(
-        prog=f"python -m {PROG}",
+    p = _cli.Parser(
+        PROG,
         description="Train the Flax InceptionV3 (sigmoid cross-entropy head) and report on its numerical "
         "health. Exit codes: 0 ok, 2 bad input, 3 non-finite (report.json written).",
     )
@@ -152,13 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ValueError as error:
-        return _bad_input(error)
+        return _cli.report_bad_input(PROG, error)
     return run(config)
-
-
-def _bad_input(error: Exception) -> int:
-    print(f"{PROG}: error: {error}", file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -176,128 +164,13 @@ def check_workdir(workdir: Path, config: config_lib.TrainConfig) -> None:
     Raises:
       BadInput: with one line naming the workdir and the problem.
     """
-    if workdir.exists() and not workdir.is_dir():
-        raise BadInput(f"workdir {workdir} exists and is not a directory")
     holds_run = workdir.is_dir() and any((workdir / marker).exists() for marker in RUN_MARKERS)
+    refusal = None
     if config.resume and not (workdir / "checkpoints").is_dir():
-        raise BadInput(f"--resume: no checkpoint in workdir {workdir}")
-    if holds_run and not (config.resume or config.overwrite):
-        raise BadInput(f"workdir {workdir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".nanlab-write-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise BadInput(f"workdir {workdir} is not writable: {error.strerror or error}") from None
-
-
-def load_data(config: config_lib.TrainConfig):
-    """The config's dataset, scaled by input_scale and normalized; plus raw and normalized input stats.
-
-    Returns:
-      (Dataset with normalized x, {"raw": stats, "normalized": stats}).
-
-    Raises:
-      BadInput: unreadable data, or a batch larger than the training set.
-    """
-    from nanlab import data as data_lib
-
-    try:
-        if config.data in ("builtin", "builtin-multilabel"):
-            kind = "binary" if config.data == "builtin" else "multilabel"
-            dataset = data_lib.builtin_dataset(kind, config.image_size, config.num_train, config.num_val, config.seed)
-        else:
-            dataset = data_lib.load_dataset(config.data, config.image_size, config.seed)
-    except ValueError as error:  # DataError is a ValueError
-        raise BadInput(f"--data {config.data}: {error}") from None
-    if config.batch_size > len(dataset.x_train):
-        raise BadInput(f"--batch-size {config.batch_size} is larger than the training set ({len(dataset.x_train)} examples)")
-    x_train = dataset.x_train * np.float32(config.input_scale)
-    x_val = dataset.x_val * np.float32(config.input_scale)
-    normalizer = data_lib.fit_normalizer(x_train, config.normalize)
-    x_train = data_lib.normalize(x_train, config.normalize, normalizer)
-    x_val = data_lib.normalize(x_val, config.normalize, normalizer)
-    stats = {"raw": data_lib.input_stats(dataset.x_train * np.float32(config.input_scale)),
-             "normalized": data_lib.input_stats(x_train)}
-    import dataclasses
-
-    return dataclasses.replace(dataset, x_train=x_train, x_val=x_val), stats
-
-
-def _small_cnn_class():
-    """SmallCNN, defined on first use so that importing this module stays light."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from nanlab.models.inception_v3 import BN_MOMENTUM, resolve_activation
-
-    class _ConvBlock(nn.Module):
-        features: int
-        hidden_activation: str
-        use_batchnorm: bool
-        dtype: Any
-
-        @nn.compact
-        def __call__(self, x, *, train: bool):
-            h = nn.Conv(self.features, (3, 3), (2, 2), use_bias=not self.use_batchnorm, dtype=self.dtype)(x)
-            if self.use_batchnorm:
-                h = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)(h)
-            h = resolve_activation(self.hidden_activation)(h)
-            if self.is_mutable_collection("stats"):
-                self.sow("stats", "max_abs", jnp.max(jnp.abs(h.astype(jnp.float32))))
-            return h
-
-    class SmallCNN(nn.Module):
-        """Three strided conv blocks -> global mean -> dense: the loop's behaviour in seconds.
-
-        Same knobs and the same 'stats' sowing as InceptionV3 (blocks Conv1..Conv3), so every
-        flag and scenario runs on it; it is for quick checks and tests, not for results.
-        """
-
-        num_classes: int = 1
-        hidden_activation: str = "relu"
-        use_batchnorm: bool = True
-        width_multiplier: float = 1.0
-        dtype: Any = jnp.float32
-        dropout_rate: float = 0.0
-
-        @nn.compact
-        def __call__(self, x, *, train: bool):
-            h = x.astype(self.dtype)
-            for index, features in enumerate((16, 32, 64), start=1):
-                width = max(8, round(features * self.width_multiplier))
-                h = _ConvBlock(width, self.hidden_activation, self.use_batchnorm, self.dtype,
-                               name=f"Conv{index}")(h, train=train)
-            h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-            h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-            return nn.Dense(self.num_classes, name="Logits")(h)
-
-    return SmallCNN
-
-
-def build_model(config: config_lib.TrainConfig, num_classes: int):
-    """The model of the config: InceptionV3 (or the small CNN for quick checks)."""
-    import jax.numpy as jnp
-
-    from nanlab.models.inception_v3 import InceptionV3
-
-    model_class = InceptionV3 if config.model == "inception_v3" else _small_cnn_class()
-    return model_class(
-        num_classes=num_classes,
-        hidden_activation=config.hidden_activation,
-        use_batchnorm=config.use_batchnorm,
-        width_multiplier=config.width_multiplier,
-        dtype=jnp.dtype(config.dtype),
-        dropout_rate=config.dropout_rate,
-    )
-
-
-def build_loss(config: config_lib.TrainConfig):
-    """The per-element loss function named by config.loss (from nanlab.losses)."""
-    from nanlab import losses
-
-    return getattr(losses, config.loss)
+        refusal = f"--resume: no checkpoint in workdir {workdir}"
+    elif holds_run and not (config.resume or config.overwrite):
+        refusal = f"workdir {workdir} already holds a run; pass --resume to continue it or --overwrite to replace it"
+    _cli.check_workdir(workdir, shown=f"workdir {workdir}", refusal=refusal)
 
 
 class _Placer:
@@ -330,8 +203,7 @@ class _Placer:
             return jax.device_put(tree)
         if jax.process_count() > 1:
             # Every process computes the same global batch (batch_at is pure); it feeds its share.
-            index, count = jax.process_index(), jax.process_count()
-            tree = jax.tree.map(lambda a: np.array_split(a, count)[index], tree)
+            tree = self._data.process_slice(tree)
         return self._data.shard_batch(tree, self.mesh)
 
     def state(self, tree):
@@ -425,13 +297,8 @@ def _history_verdict(history: list[dict]) -> dict[str, Any] | None:
     """diagnose's verdict on a run that stayed finite (e.g. vanishing gradients); None if healthy."""
     from nanlab import diagnose
 
-    if hasattr(diagnose, "diagnose_history"):
-        verdict = diagnose.diagnose_history(history)
-    else:
-        verdict = diagnose.diagnose(None, batch=None, history=history)
-    if verdict is None or verdict.cause in ("none", "healthy", ""):
-        return None
-    return verdict.to_dict()
+    verdict = diagnose.diagnose_history(history)
+    return None if verdict.cause == "none" else verdict.to_dict()
 
 
 def run(config: config_lib.TrainConfig) -> int:
@@ -446,7 +313,7 @@ def run(config: config_lib.TrainConfig) -> int:
     try:
         return _run(config)
     except BadInput as error:
-        return _bad_input(error)
+        return _cli.report_bad_input(PROG, error)
 
 
 def _prepare_workdir(config: config_lib.TrainConfig) -> Path:
@@ -455,199 +322,290 @@ def _prepare_workdir(config: config_lib.TrainConfig) -> Path:
     return workdir
 
 
-def _run(config: config_lib.TrainConfig) -> int:
+def _clear_previous_run(workdir: Path) -> None:
+    """--overwrite: remove what an earlier run left (its record, checkpoints, TensorBoard, plots)."""
+    for marker in RUN_MARKERS + ("tb",) + tuple(f.name for f in workdir.glob("*.png")):
+        path = workdir / marker
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """What a run is built from: its data, device placement, model, loss and optimizer."""
+
+    dataset: Any
+    input_stats: dict[str, Any]
+    placer: "_Placer"
+    model: Any
+    loss_fn: Any
+    schedule: Any
+    tx: Any
+    sample_x: Any  # a zero batch of the training shape (what init traces)
+    init: Any  # jitted sample_x -> TrainState at step 0
+
+
+def _build_parts(config: config_lib.TrainConfig) -> _Parts:
     import jax
     import jax.numpy as jnp
 
-    from nanlab import optim
+    from nanlab import data as data_lib
+    from nanlab import losses, models, optim
     from nanlab import step as step_lib
-    from nanlab.checkpoint import CheckpointError, Checkpointer
-    from nanlab.models.inception_v3 import BN_MOMENTUM
-    from nanlab.runlog import RunLog
 
-    wall_start = time.perf_counter()
-    workdir = _prepare_workdir(config)
-    dataset, input_stats = load_data(config)
+    dataset, input_stats = data_lib.load_for_config(config)
     placer = _Placer(config)
-    model = build_model(config, dataset.num_classes)
-    loss_fn = build_loss(config)
+    model = models.build(config, dataset.num_classes)
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
     sample_x = jnp.zeros((config.batch_size,) + dataset.x_train.shape[1:], jnp.float32)
     init = jax.jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed))
+    return _Parts(dataset, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
 
-    start_step = 0
-    if config.resume:
-        checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-        try:
-            # The state's shapes suffice as the restore target: tracing init, not compiling it.
-            start_step, state = checkpointer.restore(jax.eval_shape(init, sample_x))
-        except CheckpointError as error:
-            raise BadInput(str(error)) from None
-        state = placer.state(state)
-        if start_step >= config.steps:
-            raise BadInput(f"--resume: the checkpoint is at step {start_step}, already at --steps {config.steps}")
-    else:
-        if config.overwrite:
-            for marker in RUN_MARKERS + ("tb",) + tuple(f.name for f in workdir.glob("*.png")):
-                path = workdir / marker
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-        state = placer.state(init(sample_x))
+
+def _initial_state(config: config_lib.TrainConfig, parts: _Parts, checkpointer) -> tuple[int, Any]:
+    """(start step, placed state): restored from the last checkpoint with --resume, else freshly initialized.
+
+    Raises:
+      BadInput: a corrupt or mismatched checkpoint, or one already at --steps.
+    """
+    import jax
+
+    from nanlab.checkpoint import CheckpointError
+
+    if not config.resume:
+        return 0, parts.placer.state(parts.init(parts.sample_x))
+    try:
+        # The state's shapes suffice as the restore target: tracing init, not compiling it.
+        start_step, state = checkpointer.restore(jax.eval_shape(parts.init, parts.sample_x))
+    except CheckpointError as error:
+        raise BadInput(str(error)) from None
+    if start_step >= config.steps:
+        raise BadInput(f"--resume: the checkpoint is at step {start_step}, already at --steps {config.steps}")
+    return start_step, parts.placer.state(state)
+
+
+class _StepFns(NamedTuple):
+    """The jitted functions the loop calls."""
+
+    train_step: Any  # the pure step, unjitted: what a failure replays through trace.localize
+    loop_step: Any  # (state, batch, ok) -> (state, stats, ok), donating the state
+    telemetry: Any  # update_telemetry(params_before, params_after)
+    snapshot: Any  # a copy of the params (the step donates them)
+    evaluate: Any  # eval step: (state, batch, mask) -> sums
+    moments: Any  # BatchNorm moments of a batch, for precise-BN evaluation
+
+
+def _step_fns(config: config_lib.TrainConfig, parts: _Parts) -> _StepFns:
+    import jax
+    import jax.numpy as jnp
+
+    from nanlab import step as step_lib
+    from nanlab.models.common import BN_MOMENTUM
 
     # One executable, activation statistics included whenever they are asked for at all: on a CPU,
     # compiling a second InceptionV3 step variant costs as much as the first (minutes on 2 cores),
     # while the ~20 max|a| reductions over activations the step already holds are a small share of
     # a step's work. They are read back only every --stats-every steps.
-    train_step = step_lib.make_train_step(model, loss_fn, tx, schedule=schedule, skip_nonfinite=config.skip_nonfinite,
-                                          collect_stats=config.stats_every > 0)
-
-    step_fn = make_loop_step(train_step, skip_nonfinite=config.skip_nonfinite,
-                             donate=not (config.debug_nans or config.debug_infs))
-    telemetry_fn = jax.jit(step_lib.update_telemetry)
-    snapshot = jax.jit(lambda params: jax.tree.map(jnp.copy, params))  # one dispatch, not one per array
-    eval_fn = jax.jit(step_lib.make_eval_step(model, loss_fn))
-    moments_fn = jax.jit(step_lib.make_batch_moments_fn(model, BN_MOMENTUM))
-
-    summary: dict[str, Any] = {
-        "preset": config.preset,
-        "scenario": config.scenario,
-        "workdir": str(workdir),
-        "devices": placer.num_devices,
-        "backend": jax.default_backend(),
-        "input_stats": input_stats,
-        "resumed_from": start_step if config.resume else None,
-    }
-    runlog = RunLog(workdir, {**config.to_dict(), "workdir": str(workdir)}, total_steps=config.steps,
-                    start_step=start_step, progress=config.progress, tensorboard=config.tensorboard)
-    print(f"{PROG}: preset {config.preset}, scenario {config.scenario}, {placer.num_devices} device(s), "
-          f"inputs raw {_fmt_stats(input_stats['raw'])} -> normalized {_fmt_stats(input_stats['normalized'])}",
-          file=sys.stderr)
-
-    def batch_of(step):
-        from nanlab import data as data_lib
-
-        return data_lib.batch_at(dataset.x_train, dataset.y_train, step, config.batch_size, config.seed)
-
-    ok = placer.state(jnp.bool_(True))
-    pending: list[tuple[int, Any]] = []
-    first_event: dict[str, Any] | None = None
-    exit_code = EXIT_OK
-    step = start_step
-    interval_start, interval_step = time.perf_counter(), start_step
-    debug = contextlib.ExitStack()
-    debug.enter_context(jax.debug_nans(config.debug_nans))
-    debug.enter_context(jax.debug_infs(config.debug_infs))
-    try:
-        with debug:
-            while step < config.steps:
-                batch = placer.batch(batch_of(step))
-                with_stats = config.stats_every > 0 and (step + 1) % config.stats_every == 0
-                logged = _logs_after(step + 1, config) or with_stats  # a metrics row follows this step
-                # The weights before a logged step, for update_telemetry (the step donates them).
-                before = snapshot(state.params) if logged else None
-                try:
-                    state, stats, ok = step_fn(state, batch, ok)
-                except FloatingPointError as error:
-                    runlog.close()
-                    _report_nonfinite(workdir=workdir, step=step, quantities=[], train_step=train_step,
-                                      state=state, batch=batch_of(step), history=runlog.rows, jax_error=str(error))
-                    exit_code = EXIT_NONFINITE
-                    summary.update(status="non-finite", failed_step=step, jax_error=str(error).splitlines()[0])
-                    break
-                pending.append((step, stats, None if before is None else telemetry_fn(before, state.params)))
-                step += 1
-                eval_due, ckpt_due = _eval_due(step, config), _checkpoint_due(step, config)
-                watch_skips = config.skip_nonfinite and first_event is None
-                if not (logged or watch_skips):
-                    continue
-                host = jax.device_get([(s, t) for _, s, t in pending])
-                bad = [(k, s) for (k, _, _), (s, _) in zip(pending, host) if not bool(s.finite)]
-                last_telemetry = host[-1][1]
-                if (not bad and not config.skip_nonfinite and last_telemetry is not None
-                        and not bool(last_telemetry["updates_finite"])):
-                    # This step's update (finite gradients) made the weights non-finite: an overflow
-                    # inside the optimizer. The next step is the first to meet them; replay that.
-                    bad = [(step, None)]
-                pending = []
-                if bad and not config.skip_nonfinite:
-                    failed_step, failed_stats = bad[0]
-                    runlog.close()
-                    quantities = _nonfinite_quantities(failed_stats)
-                    _report_nonfinite(workdir=workdir, step=failed_step, quantities=quantities,
-                                      train_step=train_step, state=state, batch=batch_of(failed_step),
-                                      history=runlog.rows)
-                    summary.update(status="non-finite", failed_step=failed_step, nonfinite=quantities,
-                                   last_finite_loss=runlog.rows[-1]["loss"] if runlog.rows else None)
-                    exit_code = EXIT_NONFINITE
-                    break
-                if bad and first_event is None:
-                    failed_step, failed_stats = bad[0]
-                    quantities = _nonfinite_quantities(failed_stats)
-                    # A skipped step changed only the step counter (and the guard's counters).
-                    pre_state = state.replace(step=jnp.asarray(failed_step, jnp.int32))
-                    payload = _report_nonfinite(workdir=workdir, step=failed_step, quantities=quantities,
-                                                train_step=train_step, state=pre_state,
-                                                batch=batch_of(failed_step), history=runlog.rows)
-                    first_event = {"step": failed_step, "nonfinite": quantities,
-                                   "cause": payload["verdict"]["cause"]}
-                last, telemetry = host[-1]
-                if logged:
-                    now = time.perf_counter()
-                    images_per_s = (step - interval_step) * config.batch_size / (now - interval_start)
-                    row = _metrics_row(step, last, telemetry,
-                                       images_per_s=images_per_s if interval_step > start_step else None,
-                                       with_module_stats=with_stats)
-                    if eval_due:
-                        row.update(_evaluate(eval_fn, moments_fn, state, dataset, config, placer))
-                    runlog.log(row)
-                    if ckpt_due:
-                        checkpointer.save(step, state)
-                    interval_start, interval_step = time.perf_counter(), step
-    finally:
-        runlog.close()
-        checkpointer.close()
-
-    rows = runlog.rows
-    summary.update(
-        steps=step if exit_code == EXIT_OK else summary.get("failed_step"),
-        wall_s=round(time.perf_counter() - wall_start, 2),
+    train_step = step_lib.make_train_step(parts.model, parts.loss_fn, parts.tx, schedule=parts.schedule,
+                                          skip_nonfinite=config.skip_nonfinite, collect_stats=config.stats_every > 0)
+    return _StepFns(
+        train_step=train_step,
+        loop_step=step_lib.make_loop_step(train_step, skip_nonfinite=config.skip_nonfinite,
+                                          donate=not (config.debug_nans or config.debug_infs)),
+        telemetry=jax.jit(step_lib.update_telemetry),
+        snapshot=jax.jit(lambda params: jax.tree.map(jnp.copy, params)),  # one dispatch, not one per array
+        evaluate=jax.jit(step_lib.make_eval_step(parts.model, parts.loss_fn)),
+        moments=jax.jit(step_lib.make_batch_moments_fn(parts.model, BN_MOMENTUM)),
     )
-    if exit_code == EXIT_OK:
-        summary["status"] = "ok"
-        final = rows[-1] if rows else {}
-        summary.update(
-            final_loss=final.get("loss"),
-            val_loss=final.get("val_loss"),
-            val_accuracy=final.get("val_accuracy"),
-            skipped_steps=final.get("skipped", 0),
-            images_per_s=_median([r["images_per_s"] for r in rows if r.get("images_per_s")]),
-        )
-        if first_event is not None:
-            summary["first_nonfinite"] = first_event
-        verdict = _history_verdict(rows)
-        if verdict is not None:
-            summary["verdict"] = verdict
+
+
+def _run(config: config_lib.TrainConfig) -> int:
+    import jax
+
+    from nanlab.checkpoint import Checkpointer
+    from nanlab.runlog import RunLog
+
+    wall_start = time.perf_counter()
+    workdir = _prepare_workdir(config)
+    parts = _build_parts(config)
+    if config.overwrite:  # (--resume and --overwrite exclude each other)
+        _clear_previous_run(workdir)
+    with contextlib.ExitStack() as resources:  # closes the run log, then the checkpointer
+        checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+        resources.callback(checkpointer.close)
+        start_step, state = _initial_state(config, parts, checkpointer)
+        fns = _step_fns(config, parts)
+        summary: dict[str, Any] = {
+            "preset": config.preset,
+            "scenario": config.scenario,
+            "workdir": str(workdir),
+            "devices": parts.placer.num_devices,
+            "backend": jax.default_backend(),
+            "input_stats": parts.input_stats,
+            "resumed_from": start_step if config.resume else None,
+        }
+        runlog = RunLog(workdir, {**config.to_dict(), "workdir": str(workdir)}, total_steps=config.steps,
+                        start_step=start_step, progress=config.progress, tensorboard=config.tensorboard)
+        resources.callback(runlog.close)
+        print(f"{PROG}: preset {config.preset}, scenario {config.scenario}, {parts.placer.num_devices} device(s), "
+              f"inputs raw {_fmt_stats(parts.input_stats['raw'])} -> normalized "
+              f"{_fmt_stats(parts.input_stats['normalized'])}", file=sys.stderr)
+        loop = _Loop(config, workdir, parts, fns, runlog, checkpointer, summary, start_step)
+        exit_code = loop.run(state)
+    _complete_summary(summary, runlog.rows, exit_code, loop, wall_start)
     runlog.finish(summary, plots=config.plots)
     return exit_code
 
 
-def make_loop_step(train_step, *, skip_nonfinite: bool, donate: bool = True):
-    """The jitted step the loop runs: ``loop_step(state, batch, ok) -> (state, stats, ok)``.
+class _Loop:
+    """The training loop: steps, host syncs at log intervals, and the three ways a run fails.
 
-    `ok` turns False at the first non-finite step (without skipping) and freezes the state from
-    then on, so the host may look only at log intervals and still find the exact state before the
-    failure. The step gates its own update on `ok` (a lax.cond around the whole step doubled its
-    time on the cpu preset). Donates the state unless `donate` is False (jax_debug_nans re-runs a
-    failing call on its arguments, which must then still exist).
+    A run fails (exit 3, report.json written) when JAX's debug checks raise (`_fail_on_jax_error`)
+    or, without --skip-nonfinite, when a synced step was non-finite (`_fail_on_nonfinite`); with
+    --skip-nonfinite the first skipped step is localized and reported, and the run goes on
+    (`_report_first_skip`).
     """
-    import jax
 
-    def loop_step(state, batch, ok):
-        new_state, stats = train_step(state, batch, ok)
-        return new_state, stats, ok & (stats.finite | skip_nonfinite)
+    def __init__(self, config, workdir, parts, fns, runlog, checkpointer, summary, start_step):
+        self.config, self.workdir, self.parts, self.fns = config, workdir, parts, fns
+        self.runlog, self.checkpointer, self.summary = runlog, checkpointer, summary
+        self.start_step = self.step = start_step
+        self.first_event: dict[str, Any] | None = None
+        self.interval = (time.perf_counter(), start_step)  # (wall time, step) of the last metrics row
 
-    return jax.jit(loop_step, donate_argnums=(0,) if donate else ())
+    def batch_of(self, step: int):
+        from nanlab import data as data_lib
+
+        dataset = self.parts.dataset
+        return data_lib.batch_at(dataset.x_train, dataset.y_train, step, self.config.batch_size, self.config.seed)
+
+    def run(self, state) -> int:
+        """Train from `self.step` to --steps; returns the exit code (0, or 3 after a failure)."""
+        import jax
+        import jax.numpy as jnp
+
+        config, fns, placer = self.config, self.fns, self.parts.placer
+        ok = placer.state(jnp.bool_(True))
+        pending: list[tuple[int, Any, Any]] = []  # (step, its stats, its telemetry or None), on the device
+        with jax.debug_nans(config.debug_nans), jax.debug_infs(config.debug_infs):
+            while self.step < config.steps:
+                step = self.step
+                batch = placer.batch(self.batch_of(step))
+                with_stats = config.stats_every > 0 and (step + 1) % config.stats_every == 0
+                logged = _logs_after(step + 1, config) or with_stats  # a metrics row follows this step
+                # The weights before a logged step, for update_telemetry (the step donates them).
+                before = fns.snapshot(state.params) if logged else None
+                try:
+                    state, stats, ok = fns.loop_step(state, batch, ok)
+                except FloatingPointError as error:
+                    return self._fail_on_jax_error(step, state, error)
+                pending.append((step, stats, None if before is None else fns.telemetry(before, state.params)))
+                self.step = step = step + 1
+                watch_skips = config.skip_nonfinite and self.first_event is None
+                if not (logged or watch_skips):
+                    continue
+                host = jax.device_get([(s, t) for _, s, t in pending])
+                bad = _nonfinite_steps(pending, host, step, config.skip_nonfinite)
+                pending = []
+                if bad and not config.skip_nonfinite:
+                    return self._fail_on_nonfinite(bad[0], state)
+                if bad and self.first_event is None:
+                    self.first_event = self._report_first_skip(bad[0], state)
+                if logged:
+                    self._log(host[-1], state, with_stats)
+        return EXIT_OK
+
+    def _report(self, step: int, quantities: list[str], state, jax_error: str | None = None) -> dict[str, Any]:
+        return _report_nonfinite(workdir=self.workdir, step=step, quantities=quantities,
+                                 train_step=self.fns.train_step, state=state, batch=self.batch_of(step),
+                                 history=self.runlog.rows, jax_error=jax_error)
+
+    def _fail_on_jax_error(self, step: int, state, error: FloatingPointError) -> int:
+        """--debug-nans/--debug-infs raised inside `step`: replay it, report, exit 3."""
+        self.runlog.close()
+        self._report(step, [], state, jax_error=str(error))
+        self.summary.update(status="non-finite", failed_step=step, jax_error=str(error).splitlines()[0])
+        return EXIT_NONFINITE
+
+    def _fail_on_nonfinite(self, bad: tuple[int, Any], state) -> int:
+        """A synced step went non-finite (no skipping): the state froze before it; replay, report, exit 3."""
+        failed_step, failed_stats = bad
+        self.runlog.close()
+        quantities = _nonfinite_quantities(failed_stats)
+        self._report(failed_step, quantities, state)
+        rows = self.runlog.rows
+        self.summary.update(status="non-finite", failed_step=failed_step, nonfinite=quantities,
+                            last_finite_loss=rows[-1]["loss"] if rows else None)
+        return EXIT_NONFINITE
+
+    def _report_first_skip(self, bad: tuple[int, Any], state) -> dict[str, Any]:
+        """The first step the guard skipped: replay it from the state it saw, report, go on."""
+        import jax.numpy as jnp
+
+        failed_step, failed_stats = bad
+        quantities = _nonfinite_quantities(failed_stats)
+        # A skipped step changed only the step counter (and the guard's counters).
+        pre_state = state.replace(step=jnp.asarray(failed_step, jnp.int32))
+        payload = self._report(failed_step, quantities, pre_state)
+        return {"step": failed_step, "nonfinite": quantities, "cause": payload["verdict"]["cause"]}
+
+    def _log(self, last: tuple[Any, Any], state, with_stats: bool) -> None:
+        """Write the metrics row of `self.step` (evaluating first when due); checkpoint when due."""
+        config, step = self.config, self.step
+        stats, telemetry = last
+        interval_start, interval_step = self.interval
+        images_per_s = (step - interval_step) * config.batch_size / (time.perf_counter() - interval_start)
+        row = _metrics_row(step, stats, telemetry,
+                           images_per_s=images_per_s if interval_step > self.start_step else None,
+                           with_module_stats=with_stats)
+        if _eval_due(step, config):
+            row.update(_evaluate(self.fns.evaluate, self.fns.moments, state, self.parts.dataset, config,
+                                 self.parts.placer))
+        self.runlog.log(row)
+        if _checkpoint_due(step, config):
+            self.checkpointer.save(step, state)
+        self.interval = (time.perf_counter(), step)
+
+
+def _nonfinite_steps(pending, host, step: int, skip_nonfinite: bool) -> list[tuple[int, Any]]:
+    """(step, host stats) of each pending step that went non-finite, in order.
+
+    Without skipping, finite stats whose last update made the weights non-finite (an overflow
+    inside the optimizer, seen by the logged step's telemetry) blame the next step, `step`, the
+    first to meet those weights; its stats are None.
+    """
+    bad = [(k, stats) for (k, _, _), (stats, _) in zip(pending, host) if not bool(stats.finite)]
+    last_telemetry = host[-1][1]
+    if (not bad and not skip_nonfinite and last_telemetry is not None
+            and not bool(last_telemetry["updates_finite"])):
+        bad = [(step, None)]
+    return bad
+
+
+def _complete_summary(summary: dict[str, Any], rows: list[dict], exit_code: int, loop: _Loop,
+                      wall_start: float) -> None:
+    """Add the run's outcome to summary.json's payload: steps, wall time, and for a run that ended ok
+    its final metrics, its first skipped step and the history's verdict."""
+    summary.update(
+        steps=loop.step if exit_code == EXIT_OK else summary.get("failed_step"),
+        wall_s=round(time.perf_counter() - wall_start, 2),
+    )
+    if exit_code != EXIT_OK:
+        return
+    summary["status"] = "ok"
+    final = rows[-1] if rows else {}
+    summary.update(
+        final_loss=final.get("loss"),
+        val_loss=final.get("val_loss"),
+        val_accuracy=final.get("val_accuracy"),
+        skipped_steps=final.get("skipped", 0),
+        images_per_s=_median([r["images_per_s"] for r in rows if r.get("images_per_s")]),
+    )
+    if loop.first_event is not None:
+        summary["first_nonfinite"] = loop.first_event
+    verdict = _history_verdict(rows)
+    if verdict is not None:
+        summary["verdict"] = verdict
 
 
 def _eval_due(step: int, config: config_lib.TrainConfig) -> bool:

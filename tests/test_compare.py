@@ -17,7 +17,9 @@ import numpy as np
 import optax
 import pytest
 
-from nanlab import compare, losses, optim
+from nanlab import compare, losses, models, optim, stats
+from nanlab.compare import chains, runner
+from nanlab.compare import cli as compare_cli
 from nanlab.data import batch_at
 from nanlab.step import create_train_state, make_train_step
 
@@ -107,7 +109,7 @@ def test_clip_part_off_passes_overflowing_gradients_through():
     grads = {"g": np.asarray([3e38, 3e38], np.float32)}
     raw = optax.clip_by_global_norm(np.float32(np.inf)).update(grads, optax.EmptyState())[0]
     assert np.isnan(np.asarray(raw["g"])).all()  # the gap this part closes
-    part = compare._clip_part("global_norm", np.float32(np.inf))
+    part = chains._clip_part("global_norm", np.float32(np.inf))
     passed, _ = part.update(grads, part.init(grads))
     np.testing.assert_array_equal(np.asarray(passed["g"]), grads["g"])
 
@@ -117,25 +119,25 @@ def test_clip_part_off_passes_overflowing_gradients_through():
 
 def test_bootstrap_mean_ci_is_deterministic_and_brackets_the_mean():
     values = np.random.default_rng(1).normal(loc=2.0, size=12)
-    mean, low, high = compare.bootstrap_mean_ci(values)
-    assert (mean, low, high) == compare.bootstrap_mean_ci(values)
+    mean, low, high = stats.bootstrap_mean_ci(values)
+    assert (mean, low, high) == stats.bootstrap_mean_ci(values)
     assert low < mean < high
     assert mean == pytest.approx(values.mean())
     assert low > 0  # clearly positive data: the interval excludes 0
-    assert compare.bootstrap_mean_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
-    assert all(math.isnan(v) for v in compare.bootstrap_mean_ci([]))
+    assert stats.bootstrap_mean_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    assert all(math.isnan(v) for v in stats.bootstrap_mean_ci([]))
     with pytest.raises(ValueError, match="finite"):
-        compare.bootstrap_mean_ci([1.0, float("nan")])
+        stats.bootstrap_mean_ci([1.0, float("nan")])
 
 
 def test_bootstrap_ci_of_the_median_resists_an_outlier_and_narrows_with_more_samples():
     rng = np.random.default_rng(2)
     values = np.append(rng.normal(loc=1.0, scale=0.05, size=200), 50.0)  # one stalled round
-    median, low, high = compare.bootstrap_ci(values, statistic=np.median)
+    median, low, high = stats.bootstrap_ci(values, statistic=np.median)
     assert median == pytest.approx(np.median(values))
     assert low <= median <= high < 1.05  # the mean's interval would be dragged toward 50
-    assert compare.bootstrap_mean_ci(values)[2] > 1.1
-    few = compare.bootstrap_ci(values[:20], statistic=np.median)
+    assert stats.bootstrap_mean_ci(values)[2] > 1.1
+    few = stats.bootstrap_ci(values[:20], statistic=np.median)
     assert few[2] - few[1] > high - low
 
 
@@ -270,7 +272,7 @@ def test_one_seed_alone_equals_the_same_seed_inside_the_vmapped_batch(tiny_group
 def test_looped_evaluation_equals_the_vmapped_one(tiny_data):
     # On CPU the vmapped group evaluates its replicas one after another (lax.map): same sums.
     problem = _tiny_problem()
-    compiled = compare._compile(problem, True)
+    compiled = runner._compile(problem, True)
     state = compiled.init(tiny_data.x_train[:8], compare.replicas_of(problem, [(compare.parse_chain("none"), s) for s in range(3)]))
     mask = np.ones(16, np.float32)
     mask[-3:] = 0.0
@@ -343,7 +345,7 @@ def test_nonfinite_seed_is_masked_and_guarded_seed_goes_on(tiny_group, tiny_data
 @pytest.fixture
 def tiny_model(monkeypatch):
     """The grid with TinyNet in place of InceptionV3 (the CLI path is otherwise unchanged)."""
-    monkeypatch.setattr(compare, "build_model", lambda config, num_classes: TinyNet())
+    monkeypatch.setitem(models.BUILDERS, "inception_v3", lambda config, num_classes: TinyNet())
 
 
 def _read_csv(path):
@@ -358,7 +360,7 @@ def test_cli_tiny_grid_end_to_end_and_clipping_rescues_high_lr(tmp_path, tiny_mo
     linear and no seed overflows in these steps."""
     workdir = tmp_path / "grid"
     monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: rich folds nothing, cells read whole
-    code = compare.main([
+    code = compare_cli.main([
         "--scenarios", "high-lr", "--chains", "none", "global_norm:1", "skip", "--seeds", "4", "--steps", "12",
         "--optimizer", "sgd", "--batch-size", "8", "--num-train", "64", "--num-val", "32",
         "--chunk-steps", "6", "--workdir", str(workdir), "--no-progress", "--diagnose",
@@ -402,7 +404,7 @@ def test_cli_tiny_grid_end_to_end_and_clipping_rescues_high_lr(tmp_path, tiny_mo
     ],
 )
 def test_default_grid_trains_high_lr_with_sgd_unless_told_otherwise(argv, optimizer, lr):
-    grid, _ = compare.grid_from_args(compare.build_parser().parse_args(argv))
+    grid, _ = compare_cli.grid_from_args(compare_cli.build_parser().parse_args(argv))
     assert grid.scenarios == ("high-lr",)
     assert (grid.configs["high-lr"].optimizer, grid.configs["high-lr"].lr) == (optimizer, lr)
     assert [c.label for c in grid.chains] == list(compare.DEFAULT_CHAINS)
@@ -421,7 +423,7 @@ def test_default_grid_trains_high_lr_with_sgd_unless_told_otherwise(argv, optimi
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     workdir = tmp_path / "out"
-    assert compare.main([*args, "--workdir", str(workdir)]) == 2
+    assert compare_cli.main([*args, "--workdir", str(workdir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nanlab.compare: error:") and "\n" not in err
     assert message in err
@@ -431,12 +433,12 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
 def test_cli_refuses_unwritable_folder_and_existing_results(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    assert compare.main(["--workdir", str(blocker / "sub")]) == 2
+    assert compare_cli.main(["--workdir", str(blocker / "sub")]) == 2
     assert "not writable" in capsys.readouterr().err
     workdir = tmp_path / "done"
     workdir.mkdir()
     (workdir / "results.csv").write_text("old")
-    assert compare.main(["--workdir", str(workdir)]) == 2
+    assert compare_cli.main(["--workdir", str(workdir)]) == 2
     err = capsys.readouterr().err
     assert "already holds results" in err and "--overwrite" in err
     assert (workdir / "results.csv").read_text() == "old"
@@ -450,7 +452,7 @@ def test_chunk_as_one_scan_equals_chunk_as_step_calls(tiny_data):
     x, y = jnp.asarray(tiny_data.x_train), jnp.asarray(tiny_data.y_train)
     results = []
     for scan in (True, False):
-        compiled = compare._compile_for(problem, True, scan)
+        compiled = runner._compile_for(problem, True, scan)
         state = compiled.init(tiny_data.x_train[:8], replica)
         results.append(compiled.run_chunk(replica, state, x, y, indices))
     (scan_state, scan_record), (loop_state, loop_record) = results

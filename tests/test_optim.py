@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanlab import optim
+from nanlab import numerics, optim
+from nanlab.config import OPTIMIZERS
 
 
 def _params():
@@ -346,7 +347,7 @@ def test_skip_nonfinite_forwards_other_extra_args():
     assert set(seen) == {"value"}
 
 
-@pytest.mark.parametrize("name", optim.OPTIMIZER_NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_guarded_tx_jits_for_every_optimizer(name):
     params = _params()
     tx = optim.make_tx("agc:0.01,global_norm:1", name, optim.make_schedule("warmup-cosine", 0.1, 10, 2), 1e-4, True)
@@ -365,26 +366,26 @@ def test_guarded_tx_jits_for_every_optimizer(name):
 
 def test_global_norm_f32_matches_optax_in_float32():
     grads = _grads()
-    np.testing.assert_allclose(optim.global_norm_f32(grads), optax.tree.norm(grads), rtol=1e-6)
-    assert optim.global_norm_f32(grads).dtype == jnp.float32
-    assert float(optim.global_norm_f32({})) == 0.0
-    assert float(optim.global_norm_f32({"z": jnp.zeros(3)})) == 0.0
+    np.testing.assert_allclose(numerics.global_norm_f32(grads), optax.tree.norm(grads), rtol=1e-6)
+    assert numerics.global_norm_f32(grads).dtype == jnp.float32
+    assert float(numerics.global_norm_f32({})) == 0.0
+    assert float(numerics.global_norm_f32({"z": jnp.zeros(3)})) == 0.0
 
 
 def test_global_norm_f32_survives_float16_and_huge_values():
     grads16 = {"a": jnp.full((4,), 300.0, jnp.float16)}
     assert not math.isfinite(float(optax.tree.norm(grads16)))  # optax's gap: 300**2 overflows f16
-    assert float(optim.global_norm_f32(grads16)) == pytest.approx(600.0)
+    assert float(numerics.global_norm_f32(grads16)) == pytest.approx(600.0)
     grads_bf16 = {"a": jnp.full((4,), 3.0, jnp.bfloat16)}
-    assert float(optim.global_norm_f32(grads_bf16)) == pytest.approx(6.0)
+    assert float(numerics.global_norm_f32(grads_bf16)) == pytest.approx(6.0)
     huge = {"a": jnp.full((4,), 1e20, jnp.float32), "b": jnp.zeros(2)}
-    assert float(optim.global_norm_f32(huge)) == pytest.approx(2e20, rel=1e-6)  # 1e40 would overflow f32
+    assert float(numerics.global_norm_f32(huge)) == pytest.approx(2e20, rel=1e-6)  # 1e40 would overflow f32
 
 
 def test_global_norm_f32_propagates_nonfinite():
-    assert math.isnan(float(optim.global_norm_f32(_with_nan(_grads()))))
-    assert float(optim.global_norm_f32({"a": jnp.array([1.0, jnp.inf])})) == math.inf
-    assert float(jax.jit(optim.global_norm_f32)({"a": jnp.array([3.0, 4.0])})) == pytest.approx(5.0)
+    assert math.isnan(float(numerics.global_norm_f32(_with_nan(_grads()))))
+    assert float(numerics.global_norm_f32({"a": jnp.array([1.0, jnp.inf])})) == math.inf
+    assert float(jax.jit(numerics.global_norm_f32)({"a": jnp.array([3.0, 4.0])})) == pytest.approx(5.0)
 
 
 def test_clip_activity_nan_positions_count_as_unchanged():

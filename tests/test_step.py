@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from nanlab import numerics
 from nanlab import step as step_lib
 
 
@@ -84,7 +85,7 @@ def test_sum_of_squares_is_exact_over_small_and_large_leaves():
     tree = {"a": {"bias": rng.normal(size=7), "kernel": rng.normal(size=(64, 80))},
             "b": {"scale": rng.normal(size=(3, 5)), "big": rng.normal(size=5000)}}
     tree = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
-    sums = jax.jit(step_lib.tree_sq_norms)(tree)
+    sums = jax.jit(numerics.tree_sq_norms)(tree)
     for name, sub in tree.items():
         expected = sum(np.sum(np.square(np.asarray(leaf, np.float64))) for leaf in jax.tree.leaves(sub))
         np.testing.assert_allclose(float(sums[name]), expected, rtol=1e-5)
@@ -145,7 +146,7 @@ def test_huge_but_finite_updates_are_finite():
 
 
 def test_skip_nonfinite_counts_and_keeps_params_and_batch_stats():
-    from nanlab import optim
+    from nanlab import numerics, optim
 
     tx = optim.skip_nonfinite(optax.adam(1e-2))
     _, _, state, train_step = _setup(tx=tx, skip_nonfinite=True)
@@ -207,7 +208,7 @@ def test_model_without_batchnorm_has_empty_batch_stats():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_norms_are_float32_for_low_precision_trees(dtype):
     tree = {"a": jnp.full((1000,), 300.0, dtype)}  # 300^2 * 1000 = 9e7 overflows float16 (max 65504)
-    np.testing.assert_allclose(float(step_lib.tree_norm(tree)), 300.0 * np.sqrt(1000), rtol=1e-2)
+    np.testing.assert_allclose(float(numerics.tree_norm(tree)), 300.0 * np.sqrt(1000), rtol=1e-2)
 
 
 @pytest.mark.parametrize(
@@ -220,12 +221,12 @@ def test_finite_flag_from_the_sum_of_squares(values, finite, size):
     a = np.ones(size, np.float32)
     a[:2] = values
     tree = {"a": jnp.asarray(a), "b": jnp.ones((3,), jnp.float32)}
-    flag = jax.jit(lambda t: step_lib.finite_from_sq_norm(step_lib.tree_sq_norm(t, nan_if_nonfinite=True)))
+    flag = jax.jit(lambda t: numerics.finite_from_sq_norm(numerics.tree_sq_norm(t, nan_if_nonfinite=True)))
     assert bool(flag(tree)) is finite
     # Under vmap (nanlab.compare's replicas): same answers per replica.
     stacked = jax.tree.map(lambda x: jnp.stack([x, jnp.zeros_like(x)]), tree)
     assert jax.vmap(flag)(stacked).tolist() == [finite, True]
     # The flagged sum is the plain sum of squares whenever the values are finite.
     if finite:
-        np.testing.assert_allclose(float(step_lib.tree_sq_norm(tree, nan_if_nonfinite=True)),
-                                   float(step_lib.tree_sq_norm(tree)), rtol=1e-6)
+        np.testing.assert_allclose(float(numerics.tree_sq_norm(tree, nan_if_nonfinite=True)),
+                                   float(numerics.tree_sq_norm(tree)), rtol=1e-6)

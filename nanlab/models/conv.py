@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+__all__ = ["Conv", "IMPLS", "conv", "resolve_impl"]
+
 Initializer = Callable[..., jax.Array]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")

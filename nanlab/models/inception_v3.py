@@ -45,114 +45,37 @@ collection; `module_grad_norms` gives the global gradient norm per block from a 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanlab.config import INCEPTION_V3_BLOCKS, MIN_IMAGE_SIZE
+from nanlab.models.common import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    Activation,
+    ModelKnobs,
+    resolve_activation,
+    scaled_channels,
+    sow_block_stats,
+)
 from nanlab.models.conv import Conv
+from nanlab.numerics import tree_norm
 
-Activation = Union[str, Callable[[jax.Array], jax.Array]]
-
-MIN_INPUT_SIZE = 75
-MIN_CHANNELS = 8
-# Keras's BatchNormalization defaults, used unchanged by keras.applications.InceptionV3.
-# Keras updates moving = moving * momentum + batch * (1 - momentum), as flax does with its
-# `momentum`, so the number carries over as is.
-BN_MOMENTUM = 0.99
-BN_EPSILON = 1e-3
+__all__ = [
+    "BLOCK_NAMES", "InceptionV3", "abstract_variables", "activation_stats", "init_variables", "module_grad_norms",
+    "predict",
+]
 
 # Keras's default kernel initializer for Conv2D and Dense; biases and BatchNorm's beta start
 # at zero, moving means at zero, moving variances at one (also Keras's and flax's defaults).
 KERNEL_INIT = nn.initializers.glorot_uniform()
 
 # The top-level blocks, in network order (names of `stats` entries and of params subtrees).
-BLOCK_NAMES: tuple[str, ...] = (
-    "Conv2d_1a_3x3",
-    "Conv2d_2a_3x3",
-    "Conv2d_2b_3x3",
-    "Conv2d_3b_1x1",
-    "Conv2d_4a_3x3",
-    "Mixed_5b",
-    "Mixed_5c",
-    "Mixed_5d",
-    "Mixed_6a",
-    "Mixed_6b",
-    "Mixed_6c",
-    "Mixed_6d",
-    "Mixed_6e",
-    "AuxLogits",
-    "Mixed_7a",
-    "Mixed_7b",
-    "Mixed_7c",
-    "Logits",
-)
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "sigmoid": jax.nn.sigmoid,
-    "tanh": jnp.tanh,
-}
-
-
-def resolve_activation(activation: Activation) -> Callable[[jax.Array], jax.Array]:
-    """Turns a `hidden_activation` knob into a function.
-
-    Args:
-      activation: "relu", "sigmoid", "tanh", or a callable array -> array.
-
-    Returns:
-      The activation function.
-
-    Raises:
-      ValueError: for an unknown name; TypeError for anything else that is not callable.
-    """
-    if isinstance(activation, str):
-        if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"hidden_activation={activation!r} is not one of {sorted(_ACTIVATIONS)} "
-                "(or pass a callable)"
-            )
-        return _ACTIVATIONS[activation]
-    if callable(activation):
-        return activation
-    raise TypeError(f"hidden_activation={activation!r} is neither a name nor a callable")
-
-
-def scaled_channels(channels: int, width_multiplier: float) -> int:
-    """Output channels of a convolution under `width_multiplier`.
-
-    Args:
-      channels: Keras's channel count.
-      width_multiplier: the model's knob (> 0).
-
-    Returns:
-      `max(MIN_CHANNELS, round(channels * width_multiplier))`; `channels` at 1.0.
-    """
-    return max(MIN_CHANNELS, int(round(channels * width_multiplier)))
-
-
-def _sow_block_stats(module: nn.Module, y: jax.Array) -> None:
-    """Sows max finite |y| and the count of NaN/inf entries of a block's output into 'stats'.
-
-    A Python check of the collection's mutability (static, not a traced value) skips the
-    reductions entirely when the caller did not ask for statistics; `init` sows nothing,
-    so its variables hold only 'params' and 'batch_stats'.
-    """
-    if module.is_initializing() or not module.is_mutable_collection("stats"):
-        return
-    finite = jnp.isfinite(y)
-    # The largest FINITE magnitude: whether a max reduction propagates NaN differs between
-    # XLA backends (CPU's vectorized max drops it), so non-finite entries are masked out and
-    # counted separately. float32 so a bf16 model's maximum is not rounded again.
-    max_abs = jnp.max(jnp.where(finite, jnp.abs(y.astype(jnp.float32)), 0.0))
-    nonfinite = jnp.sum(jnp.logical_not(finite), dtype=jnp.int32)
-    # Combine rather than overwrite, should a block ever run twice in one apply.
-    module.sow("stats", "max_abs", max_abs, init_fn=lambda: -jnp.inf, reduce_fn=jnp.maximum)
-    module.sow("stats", "nonfinite", nonfinite, init_fn=lambda: 0, reduce_fn=jnp.add)
-
+BLOCK_NAMES: tuple[str, ...] = INCEPTION_V3_BLOCKS
 
 class ConvBN(nn.Module):
     """Keras's `conv2d_bn`: bias-free convolution, BatchNorm(scale=False), activation.
@@ -201,7 +124,7 @@ class ConvBN(nn.Module):
             )(y)
         y = resolve_activation(self.hidden_activation)(y)
         if self.sow_stats:
-            _sow_block_stats(self, y)
+            sow_block_stats(self, y)
         return y
 
 
@@ -259,7 +182,7 @@ class InceptionA(_Block):
         b3 = _avg_pool_3x3_same(x)
         b3 = self.conv(self.pool_features, (1, 1), "Branch_3_Conv2d_0b_1x1")(b3, train=train)
         y = jnp.concatenate([b0, b1, b2, b3], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
 
 
@@ -274,7 +197,7 @@ class InceptionB(_Block):
         b1 = self.conv(96, (3, 3), "Branch_1_Conv2d_1a_3x3", (2, 2), "VALID")(b1, train=train)
         b2 = _max_pool_3x3_s2(x)
         y = jnp.concatenate([b0, b1, b2], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
 
 
@@ -298,7 +221,7 @@ class InceptionC(_Block):
         b3 = _avg_pool_3x3_same(x)
         b3 = self.conv(192, (1, 1), "Branch_3_Conv2d_0b_1x1")(b3, train=train)
         y = jnp.concatenate([b0, b1, b2, b3], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
 
 
@@ -315,7 +238,7 @@ class InceptionD(_Block):
         b1 = self.conv(192, (3, 3), "Branch_1_Conv2d_1a_3x3", (2, 2), "VALID")(b1, train=train)
         b2 = _max_pool_3x3_s2(x)
         y = jnp.concatenate([b0, b1, b2], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
 
 
@@ -345,8 +268,16 @@ class InceptionE(_Block):
         b3 = _avg_pool_3x3_same(x)
         b3 = self.conv(192, (1, 1), "Branch_3_Conv2d_0b_1x1")(b3, train=train)
         y = jnp.concatenate([b0, b1, b2, b3], axis=-1)
-        _sow_block_stats(self, y)
+        sow_block_stats(self, y)
         return y
+
+
+def _dense_logits(module: nn.Module, features: jax.Array, num_classes: int) -> jax.Array:
+    """The float32 dense layer 'Dense' of a head, called inside `module`'s compact method; sows its stats."""
+    logits = nn.Dense(num_classes, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=KERNEL_INIT,
+                      name="Dense")(features)
+    sow_block_stats(module, logits)
+    return logits
 
 
 class InceptionAux(_Block):
@@ -370,15 +301,7 @@ class InceptionAux(_Block):
         conv_padding = "VALID" if min(y.shape[1:3]) >= 5 else "SAME"
         y = self.conv(768, (5, 5), "Conv2d_2a_5x5", padding=conv_padding)(y, train=train)
         features = jnp.mean(y.astype(jnp.float32), axis=(1, 2))
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            kernel_init=KERNEL_INIT,
-            name="Dense",
-        )(features)
-        _sow_block_stats(self, logits)
-        return logits
+        return _dense_logits(self, features, self.num_classes)
 
 
 class Head(nn.Module):
@@ -393,30 +316,16 @@ class Head(nn.Module):
         # stability needs their full precision, and the head costs nothing.
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(features)
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            kernel_init=KERNEL_INIT,
-            name="Dense",
-        )(features)
-        _sow_block_stats(self, logits)
-        return logits
+        return _dense_logits(self, features, self.num_classes)
 
 
-class InceptionV3(nn.Module):
-    """InceptionV3 with the knobs of the lab; see the module docstring.
+class InceptionV3(ModelKnobs):
+    """InceptionV3 with the knobs of the lab (`ModelKnobs`' and its own); see the module docstring.
 
     `__call__(x, *, train)` -> float32 logits (batch, num_classes); with aux_logits=True and
     train=True, (logits, aux_logits); with include_top=False, pooled features.
     """
 
-    num_classes: int = 1
-    hidden_activation: Activation = "relu"
-    use_batchnorm: bool = True
-    width_multiplier: float = 1.0
-    dtype: Any = jnp.float32
-    dropout_rate: float = 0.0
     aux_logits: bool = False
     conv_impl: str = "auto"
     include_top: bool = True
@@ -432,9 +341,9 @@ class InceptionV3(nn.Module):
             raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
         if x.ndim != 4:
             raise ValueError(f"input shape {x.shape} is not NHWC (batch, height, width, channels)")
-        if min(x.shape[1:3]) < MIN_INPUT_SIZE:
+        if min(x.shape[1:3]) < MIN_IMAGE_SIZE:
             raise ValueError(
-                f"input shape {x.shape}: height and width must be >= {MIN_INPUT_SIZE}"
+                f"input shape {x.shape}: height and width must be >= {MIN_IMAGE_SIZE}"
             )
 
     @nn.compact
@@ -603,9 +512,5 @@ def module_grad_norms(grads: Mapping[str, Any]) -> dict[str, jax.Array]:
     order = {name: i for i, name in enumerate(BLOCK_NAMES)}
     norms = {}
     for block in sorted(grads, key=lambda b: (order.get(b, len(order)), b)):
-        leaves = jax.tree_util.tree_leaves(grads[block])
-        # Sum of squares in float32 even for bf16/f16 gradients: squaring in half
-        # precision overflows (f16) or loses the small contributions.
-        squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves]
-        norms[block] = jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
+        norms[block] = tree_norm(grads[block])  # float32 squares even for bf16/f16 gradients
     return norms

@@ -41,6 +41,8 @@ import numpy as np
 
 from nanlab.models.inception_v3 import ConvBN, InceptionV3
 
+__all__ = ["KERAS_FILE_ORDER", "load_keras_inception_v3"]
+
 # KERAS_FILE_ORDER[k]: creation index (order in keras' inception_v3.py, which is also the
 # order nanlab's InceptionV3 builds its ConvBN modules) of the layer stored as conv2d_<k> /
 # batch_normalization_<k>. Read off Keras 3.15 files, whose groups carry the layers'
