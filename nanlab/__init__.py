@@ -6,7 +6,9 @@ loads no JAX, Flax or Keras:
 * `localize`, `Report` (nanlab.trace): where the first NaN/Inf of any JAX function was born;
 * `diagnose`, `diagnose_history`, `Verdict` (nanlab.diagnose): its cause in the lab's words, and the fix;
 * the stable losses and their textbook forms (nanlab.losses);
-* `check_binary_loss` (nanlab.testing): the property battery for a user's own loss.
+* `check_binary_loss` (nanlab.testing): the property battery for a user's own loss;
+* `guard`, `NonFiniteError`, `GuardedStep` (nanlab.guard): the sentinel, replay and verdict around a
+  user's own train step (the Keras callback is `nanlab.keras.LocalizeOnNaN`, imported on demand).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ _EXPORTS: dict[str, str] = {
     "naive_sigmoid_binary_cross_entropy": "nanlab.losses",
     "naive_sigmoid_focal_loss": "nanlab.losses",
     "check_binary_loss": "nanlab.testing",
+    "guard": "nanlab.guard",
+    "NonFiniteError": "nanlab.guard",
+    "GuardedStep": "nanlab.guard",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -41,7 +46,8 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'nanlab' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name])
-    # `diagnose` names both a submodule and its function: the submodule is callable as the function.
+    # `diagnose` and `guard` name both a submodule and its function: the submodule is callable as
+    # the function (nanlab/_modules.py).
     value = module if _EXPORTS[name] == f"nanlab.{name}" else getattr(module, name)
     globals()[name] = value
     return value

@@ -193,6 +193,17 @@ class Checkpointer:
                                          f"{got_desc}, this run has {want_desc} (written by a run of another "
                                          "configuration)")
 
+    def discard_after(self, step: int) -> list[int]:
+        """Delete the checkpoints newer than `step` (corrupt ones a resume skipped: the run rewrites them).
+
+        Returns:
+          The steps deleted.
+        """
+        newer = [s for s in self.all_steps() if s > step]
+        for s in newer:
+            self._manager.delete(s)
+        return newer
+
     def _remove_partial(self, step: int) -> None:
         """Delete what a failed save of `step` left (orbax's temporary folder, or an incomplete one)."""
         complete = step in self._manager.all_steps()

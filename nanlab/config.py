@@ -102,6 +102,9 @@ class TrainConfig:
     plots: bool = True
     progress: bool = True
     data_parallel: bool = True
+    # JAX's persistent compilation cache: a directory, 'off', or None for $NANLAB_COMPILE_CACHE or
+    # the user's cache directory (nanlab.compile_cache).
+    compile_cache: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (field name -> value)."""

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from nanlab._modules import make_callable
 from nanlab.config import INCEPTION_V3_BLOCKS
 
 __all__ = ["FIXES", "Verdict", "diagnose", "diagnose_history"]
@@ -265,17 +264,5 @@ def _report_line(report: Any) -> str:
     return f"trace: {origin.cause} at {origin.where()}"
 
 
-class _CallableModule(types.ModuleType):
-    """This module, callable as its `diagnose` function.
-
-    The package re-exports `diagnose` as ``nanlab.diagnose``, a name that importing this submodule
-    also binds (to the module); a callable module makes ``nanlab.diagnose(report)`` and
-    ``nanlab.diagnose.diagnose_history(...)`` both work whatever was imported first.
-    """
-
-    def __call__(self, report: Any, batch: Any = None,
-                 history: Sequence[Mapping[str, Any]] | None = None) -> Verdict:
-        return diagnose(report, batch=batch, history=history)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# ``nanlab.diagnose(report)`` and ``nanlab.diagnose.diagnose_history(...)`` both work (nanlab/_modules.py).
+make_callable(__name__, diagnose)

@@ -13,7 +13,7 @@ The guarded function is one jitted executable: the user's step ``f(state, *args)
 ``-> (state, aux)``, then
 
 - the finite flag: one fused float32 sum of squares over every floating output, formed so that it
-  is NaN exactly when an output holds a NaN or an Inf (`nanlab.step.tree_sq_norm` with
+  is NaN exactly when an output holds a NaN or an Inf (`nanlab.numerics.tree_sq_norm` with
   ``nan_if_nonfinite``), or the flag the step hands over itself (``finite=``);
 - the gate: the output state is the input state when the call is non-finite, or when an earlier
   failure is still waiting for the host ("held"). The state of the failing call therefore
@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from nanlab._modules import make_callable
 
 __all__ = ["guard", "GuardedStep", "NonFiniteError", "Carry", "outputs_finite"]
 
@@ -107,11 +109,11 @@ class Carry(NamedTuple):
 def outputs_finite(tree: Any) -> jax.Array:
     """Bool scalar: every floating leaf of `tree` is free of NaN and Inf, from one fused reduction.
 
-    The sum of squares is formed as ``x*x + x*0`` in float32 (`nanlab.step.tree_sq_norm`): x*0 is NaN
+    The sum of squares is formed as ``x*x + x*0`` in float32 (`nanlab.numerics.tree_sq_norm`): x*0 is NaN
     for +-inf, so the sum is NaN exactly when a value is NaN or infinite, while an inf sum is only an
     overflow of finite values; one pass thus gives the flag with no second, elementwise check.
     """
-    from nanlab.step import finite_from_sq_norm, tree_sq_norm
+    from nanlab.numerics import finite_from_sq_norm, tree_sq_norm
 
     floats = [leaf for leaf in jax.tree.leaves(tree) if _is_float_array(leaf)]
     return finite_from_sq_norm(tree_sq_norm(floats, nan_if_nonfinite=True))
@@ -536,3 +538,7 @@ def _origin_line(report: Any) -> str:
     if origin is None:
         return f"{getattr(report, 'cause', '?')} (no origin inside the step)"
     return f"{origin.cause} at {origin.where()}"
+
+
+# ``nanlab.guard(step)``, ``@nanlab.guard`` and ``nanlab.guard.NonFiniteError`` all work (nanlab/_modules.py).
+make_callable(__name__, guard)

@@ -13,6 +13,11 @@ On the steps it logs, the loop also runs `nanlab.step.update_telemetry` on a cop
 from before the step (parameter norm, update/param ratio); when that finds the new weights
 non-finite (an overflow inside the optimizer, which the step itself does not check), the failure
 is the next step, the first to meet them.
+Ctrl-C (SIGINT) or SIGTERM stops the run at the next step boundary: the pending steps are checked,
+a checkpoint of the last finite state is saved, summary.json says `interrupted`, one line says how
+to resume, and the exit code is 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C aborts at once
+(checkpoints are atomic, so only complete ones remain). A corrupt newest checkpoint is skipped on
+--resume for the newest intact one, with one line saying which and why.
 With --skip-nonfinite the guard drops the update and the run goes on; the loop then reads the
 one-bool sentinel every step until the first event is recorded, so that event's replay starts from
 the state the event saw (parameters, BatchNorm and optimizer moments are untouched by a skipped
@@ -38,6 +43,7 @@ from nanlab import _cli
 from nanlab import config as config_lib
 from nanlab._cli import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK
 from nanlab.config import BadInput
+from nanlab.interrupts import StopOnSignal
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_NONFINITE", "EXIT_OK", "build_parser", "config_from_args", "main", "run"]
 
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--progress", action=argparse.BooleanOptionalAction, default=None, help=f"live progress bar ({d('progress')})")
     add("--data-parallel", action=argparse.BooleanOptionalAction, default=None,
         help="shard the batch over all local devices when there are several (default: on)")
+    add("--compile-cache", help="JAX's persistent compilation cache: a directory, or 'off' (default: "
+        "$NANLAB_COMPILE_CACHE, else ~/.cache/nanlab/jax-cache or $XDG_CACHE_HOME/nanlab/jax-cache)")
     return p
 
 
@@ -370,15 +378,21 @@ def _initial_state(config: config_lib.TrainConfig, parts: _Parts, checkpointer) 
     """
     import jax
 
-    from nanlab.checkpoint import CheckpointError
+    from nanlab.checkpoint import CheckpointError, CheckpointMismatch
 
     if not config.resume:
         return 0, parts.placer.state(parts.init(parts.sample_x))
     try:
         # The state's shapes suffice as the restore target: tracing init, not compiling it.
-        start_step, state = checkpointer.restore(jax.eval_shape(parts.init, parts.sample_x))
+        start_step, state, skipped = checkpointer.restore_newest_intact(jax.eval_shape(parts.init, parts.sample_x))
+    except CheckpointMismatch as error:
+        raise BadInput(f"--resume: {error}; resume with that run's flags, or start over with --overwrite") from None
     except CheckpointError as error:
-        raise BadInput(str(error)) from None
+        raise BadInput(f"--resume: {error}; start over with --overwrite or another --workdir") from None
+    for line in skipped:
+        print(f"{PROG}: warning: skipped corrupt {line}; resuming from checkpoint {start_step}", file=sys.stderr)
+    if skipped:
+        checkpointer.discard_after(start_step)  # the resumed run writes those steps again
     if start_step >= config.steps:
         raise BadInput(f"--resume: the checkpoint is at step {start_step}, already at --steps {config.steps}")
     return start_step, parts.placer.state(state)
@@ -425,8 +439,15 @@ def _run(config: config_lib.TrainConfig) -> int:
     from nanlab.checkpoint import Checkpointer
     from nanlab.runlog import RunLog
 
+    from nanlab import compile_cache
+
     wall_start = time.perf_counter()
+    try:
+        cache_dir = compile_cache.resolve(config.compile_cache)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
     workdir = _prepare_workdir(config)
+    compile_cache.enable(cache_dir)
     parts = _build_parts(config)
     if config.overwrite:  # (--resume and --overwrite exclude each other)
         _clear_previous_run(workdir)
@@ -443,6 +464,7 @@ def _run(config: config_lib.TrainConfig) -> int:
             "backend": jax.default_backend(),
             "input_stats": parts.input_stats,
             "resumed_from": start_step if config.resume else None,
+            "compile_cache": str(cache_dir) if cache_dir is not None else None,
         }
         runlog = RunLog(workdir, {**config.to_dict(), "workdir": str(workdir)}, total_steps=config.steps,
                         start_step=start_step, progress=config.progress, tensorboard=config.tensorboard)
@@ -451,7 +473,8 @@ def _run(config: config_lib.TrainConfig) -> int:
               f"inputs raw {_fmt_stats(parts.input_stats['raw'])} -> normalized "
               f"{_fmt_stats(parts.input_stats['normalized'])}", file=sys.stderr)
         loop = _Loop(config, workdir, parts, fns, runlog, checkpointer, summary, start_step)
-        exit_code = loop.run(state)
+        with StopOnSignal() as loop.stop:
+            exit_code = loop.run(state)
     _complete_summary(summary, runlog.rows, exit_code, loop, wall_start)
     runlog.finish(summary, plots=config.plots)
     return exit_code
@@ -472,6 +495,7 @@ class _Loop:
         self.start_step = self.step = start_step
         self.first_event: dict[str, Any] | None = None
         self.interval = (time.perf_counter(), start_step)  # (wall time, step) of the last metrics row
+        self.stop = StopOnSignal()  # the run's signal flag (installed around `run` by the caller)
 
     def batch_of(self, step: int):
         from nanlab import data as data_lib
@@ -489,6 +513,8 @@ class _Loop:
         pending: list[tuple[int, Any, Any]] = []  # (step, its stats, its telemetry or None), on the device
         with jax.debug_nans(config.debug_nans), jax.debug_infs(config.debug_infs):
             while self.step < config.steps:
+                if self.stop.requested:
+                    return self._interrupt(pending, state)
                 step = self.step
                 batch = placer.batch(self.batch_of(step))
                 with_stats = config.stats_every > 0 and (step + 1) % config.stats_every == 0
@@ -514,6 +540,35 @@ class _Loop:
                 if logged:
                     self._log(host[-1], state, with_stats)
         return EXIT_OK
+
+    def _interrupt(self, pending, state) -> int:
+        """SIGINT/SIGTERM at a step boundary: check the pending steps, checkpoint, say how to resume.
+
+        No metrics row is written here: the rows stay those of an uninterrupted run, which the
+        resumed run continues exactly from the checkpoint.
+        """
+        import jax
+
+        config, step = self.config, self.step
+        host = jax.device_get([(s, t) for _, s, t in pending])
+        bad = _nonfinite_steps(pending, host, step, config.skip_nonfinite) if pending else []
+        if bad and not config.skip_nonfinite:
+            return self._fail_on_nonfinite(bad[0], state)
+        if step > self.start_step and step not in self.checkpointer.all_steps():
+            self._save(step, state)
+        self.summary.update(status="interrupted", interrupted_by=self.stop.name)
+        self.runlog.close()
+        print(f"{PROG}: {self.stop.name} at step {step}: checkpoint saved; resume with "
+              f"python -m nanlab.train --workdir {self.workdir} --resume", file=sys.stderr)
+        return self.stop.exit_code
+
+    def _save(self, step: int, state) -> None:
+        from nanlab.checkpoint import CheckpointError
+
+        try:
+            self.checkpointer.save(step, state)
+        except CheckpointError as error:  # a full disk, say: stop with one line, earlier checkpoints intact
+            raise BadInput(str(error)) from None
 
     def _report(self, step: int, quantities: list[str], state, jax_error: str | None = None) -> dict[str, Any]:
         return _report_nonfinite(workdir=self.workdir, step=step, quantities=quantities,
@@ -563,7 +618,7 @@ class _Loop:
                                  self.parts.placer))
         self.runlog.log(row)
         if _checkpoint_due(step, config):
-            self.checkpointer.save(step, state)
+            self._save(step, state)
         self.interval = (time.perf_counter(), step)
 
 
@@ -586,8 +641,9 @@ def _complete_summary(summary: dict[str, Any], rows: list[dict], exit_code: int,
                       wall_start: float) -> None:
     """Add the run's outcome to summary.json's payload: steps, wall time, and for a run that ended ok
     its final metrics, its first skipped step and the history's verdict."""
+    interrupted = summary.get("status") == "interrupted"
     summary.update(
-        steps=loop.step if exit_code == EXIT_OK else summary.get("failed_step"),
+        steps=loop.step if exit_code == EXIT_OK or interrupted else summary.get("failed_step"),
         wall_s=round(time.perf_counter() - wall_start, 2),
     )
     if exit_code != EXIT_OK:

@@ -1,4 +1,4 @@
-"""Shared test configuration: Hypothesis profiles.
+"""Shared test configuration: Hypothesis profiles, and no writes into the user's cache directory.
 
 `ci` (the default) is deterministic: derandomized, no example database, no deadline.
 `thorough` draws >= 20,000 examples per property; choose it with
@@ -8,6 +8,10 @@
 import os
 
 from hypothesis import HealthCheck, settings
+
+# The CLIs turn on JAX's persistent compilation cache in ~/.cache/nanlab by default; the tests that
+# want one set their own (tests/test_train.py), the others leave JAX's configuration alone.
+os.environ.setdefault("NANLAB_COMPILE_CACHE", "off")
 
 settings.register_profile(
     "ci",

@@ -273,7 +273,8 @@ def test_corrupt_checkpoint_on_resume_exits_2_and_keeps_the_run(tmp_path, capsys
     (workdir / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
     assert train.main(_argv(workdir, steps=10, resume=True)) == 2
     err = capsys.readouterr().err
-    assert "corrupt or does not match this run" in err and err.count("\n") == 1
+    assert "no intact checkpoint in" in err and "(checkpoint 5: " in err and err.count("\n") == 1
+    assert "start over with --overwrite" in err
     assert (workdir / "metrics.jsonl").read_text() == '{"step": 5, "loss": 1.0}\n'
 
 
