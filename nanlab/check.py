@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
-from hypothesis import settings
+from hypothesis import configuration, settings
 
 from nanlab import _cli, testing
 
@@ -52,6 +53,24 @@ def resolve(spec: str) -> Callable:
     if not callable(target):
         raise BadArgument(f"{spec!r} is not callable (it is a {type(target).__name__})")
     return target
+
+
+def check_signature(spec: str, fn: Callable) -> None:
+    """Call `fn` once on two float32 zeros (logits, labels): a function that cannot take them is bad input.
+
+    Raises:
+      BadArgument: calling it raised a TypeError (wrong arity, keywords or argument types), named
+        in one line, instead of the same TypeError in every row of the battery.
+    """
+    import numpy as np
+
+    zeros = np.zeros((2,), np.float32)
+    try:
+        fn(zeros, zeros)
+    except TypeError as error:
+        raise BadArgument(f"{spec} does not accept (logits, labels): {error}") from None
+    except Exception:  # noqa: BLE001 - any other failure is the battery's to report, property by property
+        pass
 
 
 def parse_skip(text: str) -> tuple[str, ...]:
@@ -105,12 +124,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip = parse_skip(args.skip)
         if args.max_examples < 1:
             raise BadArgument(f"--max-examples must be >= 1, got {args.max_examples}")
+        check_signature(args.target, fn)
     except BadArgument as error:
         return _cli.report_bad_input(PROG, error)
     hypothesis_settings = settings(max_examples=args.max_examples, derandomize=True, database=None, deadline=None)
-    results = testing.run_battery(
-        fn, label_kind=args.labels, skip=skip, hypothesis_settings=hypothesis_settings
-    )
+    # Hypothesis caches what it learns in ./.hypothesis; a user's checkout is not the place for it.
+    previous_home = configuration.storage_directory()
+    with tempfile.TemporaryDirectory(prefix="nanlab-check-") as home:
+        configuration.set_hypothesis_home_dir(home)
+        try:
+            results = testing.run_battery(
+                fn, label_kind=args.labels, skip=skip, hypothesis_settings=hypothesis_settings
+            )
+        finally:
+            configuration.set_hypothesis_home_dir(previous_home)
     print(f"nanlab.check {args.target} ({args.labels} labels, {args.max_examples} examples per property)")
     print(format_table(results))
     return 0 if all(result.passed for result in results) else 1

@@ -75,3 +75,18 @@ def test_module_entry_point_reports_bad_argument_without_traceback():
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
     assert process.stderr.strip() == "nanlab.check: error: cannot import module 'no_such_module_xyz': No module named 'no_such_module_xyz'"
+
+
+def test_a_function_that_is_not_a_binary_loss_is_bad_input_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "nanlab.check", "math:sqrt"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr == ("nanlab.check: error: math:sqrt does not accept (logits, labels): "
+                           "math.sqrt() takes exactly one argument (2 given)\n")
+    assert done.stdout == ""
+
+
+def test_the_battery_leaves_no_hypothesis_folder_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert check.main(["nanlab.losses:sigmoid_binary_cross_entropy", "--max-examples", "10"]) == 0
+    assert list(tmp_path.iterdir()) == []
