@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cli.report_bad_input(PROG, error)
     hypothesis_settings = settings(max_examples=args.max_examples, derandomize=True, database=None, deadline=None)
     # Hypothesis caches what it learns in ./.hypothesis; a user's checkout is not the place for it.
-    previous_home = configuration.storage_directory()
+    previous_home = getattr(configuration, "__hypothesis_home_directory", None)  # None: Hypothesis's default
     with tempfile.TemporaryDirectory(prefix="nanlab-check-") as home:
         configuration.set_hypothesis_home_dir(home)
         try:
