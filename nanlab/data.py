@@ -46,8 +46,9 @@ from PIL import Image
 from nanlab.config import BUILTIN_DATA, MIN_IMAGE_SIZE, NORMALIZE_MODES, BadInput
 
 __all__ = [
-    "DataError", "Dataset", "batch_at", "builtin_dataset", "eval_batches", "fit_normalizer", "input_stats",
-    "load_dataset", "load_for_config", "make_mesh", "normalize", "process_slice", "replicate", "shard_batch",
+    "DataError", "Dataset", "batch_at", "builtin_dataset", "check_npz_arrays", "eval_batches", "fit_normalizer", "input_stats",
+    "labels_from_class_index", "list_image_folder", "load_dataset", "load_for_config", "make_mesh", "normalize",
+    "process_slice", "replicate", "shard_batch",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -275,7 +276,15 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _load_image_folder(root: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def list_image_folder(root: Path) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
+    """Lists an image folder without decoding anything.
+
+    Returns:
+      (class_names, relative file paths "class/file", int32 class index per file).
+
+    Raises:
+      DataError: an empty folder, fewer than 2 class subfolders, a class without image files.
+    """
     entries = [p for p in root.iterdir() if not p.name.startswith(".")]
     if not entries:
         raise DataError(f"empty data folder {root}: expected one subfolder per class")
@@ -284,21 +293,29 @@ def _load_image_folder(root: Path, image_size: int) -> tuple[np.ndarray, np.ndar
         raise DataError(
             f"data folder {root} has {len(class_dirs)} class subfolder(s); need at least 2 (one per class)"
         )
-    images, class_index = [], []
+    files: list[str] = []
+    class_index: list[int] = []
     for index, class_dir in enumerate(class_dirs):
-        files = sorted((p for p in class_dir.iterdir() if _is_image_file(p)), key=lambda p: p.name)
-        if not files:
+        names = sorted(p.name for p in class_dir.iterdir() if _is_image_file(p))
+        if not names:
             raise DataError(f"class folder {class_dir} has no image files ({', '.join(IMAGE_SUFFIXES)})")
-        images.extend(_load_image(path, image_size) for path in files)
-        class_index.extend([index] * len(files))
-    x = np.stack(images)
-    class_index = np.asarray(class_index)
-    names = tuple(p.name for p in class_dirs)
-    if len(class_dirs) == 2:
-        y = (class_index == 1).astype(np.float32)[:, None]  # label 1 = second class in sorted order
-    else:
-        y = np.eye(len(class_dirs), dtype=np.float32)[class_index]  # one-vs-rest, one-hot
-    return x, y, names
+        files.extend(f"{class_dir.name}/{name}" for name in names)
+        class_index.extend([index] * len(names))
+    return tuple(p.name for p in class_dirs), tuple(files), np.asarray(class_index, np.int32)
+
+
+def labels_from_class_index(class_index: np.ndarray, num_classes: int) -> np.ndarray:
+    """The folder convention of `nanlab.data`: 2 classes -> K=1 with label 1 for the SECOND
+    class in sorted order; more -> one-hot over K = num_classes (one-vs-rest)."""
+    if num_classes == 2:
+        return (class_index == 1).astype(np.float32)[:, None]
+    return np.eye(num_classes, dtype=np.float32)[class_index]
+
+
+def _load_image_folder(root: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    names, files, class_index = list_image_folder(root)
+    x = np.stack([_load_image(root / f, image_size) for f in files])
+    return x, labels_from_class_index(class_index, len(names)), names
 
 
 def _resize_images(x: np.ndarray, image_size: int) -> np.ndarray:
@@ -311,6 +328,40 @@ def _resize_images(x: np.ndarray, image_size: int) -> np.ndarray:
             plane = Image.fromarray(np.ascontiguousarray(x[i, :, :, c]), mode="F")
             out[i, :, :, c] = np.asarray(plane.resize((image_size, image_size), Image.Resampling.BILINEAR))
     return out
+
+
+def check_npz_arrays(path: Path, x_shape: tuple[int, ...], x_dtype: np.dtype, y: np.ndarray) -> np.ndarray:
+    """Check an .npz's images (by shape and dtype: they may stay on disk) and labels.
+
+    Returns:
+      y as float32 of shape (N, K).
+
+    Raises:
+      DataError: one line naming the file and what is wrong (object arrays, non-numeric dtypes,
+        shapes, lengths, empty arrays, labels outside [0, 1] or NaN).
+    """
+    if np.dtype(x_dtype).hasobject or y.dtype.hasobject:
+        raise DataError(f"{path}: x or y holds arrays of mixed shapes (an object array)")
+    if not (np.issubdtype(x_dtype, np.number) or x_dtype == bool):
+        raise DataError(f"{path}: x must be numeric, got dtype {x_dtype}")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        raise DataError(f"{path}: y must be numeric, got dtype {y.dtype}")
+    if len(x_shape) not in (3, 4):
+        raise DataError(f"{path}: x must have shape (N, H, W, C) or (N, H, W), got {tuple(x_shape)}")
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim != 2:
+        raise DataError(f"{path}: y must have shape (N,) or (N, K), got {y.shape}")
+    if x_shape[0] != y.shape[0]:
+        raise DataError(f"{path}: x and y lengths differ: x has {x_shape[0]} examples, y has {y.shape[0]}")
+    if x_shape[0] == 0 or y.shape[1] == 0 or min(x_shape[1:]) == 0:
+        raise DataError(f"{path}: empty arrays: x {tuple(x_shape)}, y {y.shape}")
+    y = y.astype(np.float32)
+    bad = ~((y >= 0) & (y <= 1))  # also catches NaN labels
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(f"{path}: labels must lie in [0, 1], got y{list(first)} = {y[first]!r}")
+    return y
 
 
 def _load_npz(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -332,29 +383,9 @@ def _load_npz(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
                 f"{path}: x or y holds arrays of mixed shapes (an object array); save one array x of "
                 "shape (N, H, W, C) or (N, H, W)"
             ) from None
-    if x.dtype == object or y.dtype == object:
-        raise DataError(f"{path}: x or y holds arrays of mixed shapes (an object array)")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise DataError(f"{path}: x must be numeric, got dtype {x.dtype}")
-    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
-        raise DataError(f"{path}: y must be numeric, got dtype {y.dtype}")
+    y = check_npz_arrays(path, x.shape, x.dtype, y)
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4:
-        raise DataError(f"{path}: x must have shape (N, H, W, C) or (N, H, W), got {x.shape}")
-    if y.ndim == 1:
-        y = y[:, None]
-    if y.ndim != 2:
-        raise DataError(f"{path}: y must have shape (N,) or (N, K), got {y.shape}")
-    if x.shape[0] != y.shape[0]:
-        raise DataError(f"{path}: x and y lengths differ: x has {x.shape[0]} examples, y has {y.shape[0]}")
-    if x.shape[0] == 0 or y.shape[1] == 0 or min(x.shape[1:]) == 0:
-        raise DataError(f"{path}: empty arrays: x {x.shape}, y {y.shape}")
-    y = y.astype(np.float32)
-    bad = ~((y >= 0) & (y <= 1))  # also catches NaN labels
-    if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise DataError(f"{path}: labels must lie in [0, 1], got y{list(first)} = {y[first]!r}")
     x = _resize_images(x.astype(np.float32), image_size)
     return x, y
 

@@ -12,14 +12,13 @@ import os
 import tempfile
 from pathlib import Path
 
-from nanlab.data import DataError, _describe
+from nanlab.data import DataError, _describe, list_image_folder
 from nanlab.streaming._sources import (
     ARRAY_RECORD_SUFFIX,
     BadImage,
     FolderSource,
     encode_header,
     encode_record,
-    list_image_folder,
 )
 
 WRITER_OPTIONS = "group_size:1,uncompressed"

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nanlab.data import DataError, _describe, _is_image_file, _resize_images, IMAGE_SUFFIXES
+from nanlab.data import (DataError, IMAGE_SUFFIXES, _describe, _is_image_file, _resize_images,
+                         check_npz_arrays, labels_from_class_index, list_image_folder)
 
 ARRAY_RECORD_SUFFIX = ".array_record"
 # Record 0 of a nanlab ArrayRecord file: this magic, then a JSON header (format, class names, count,
@@ -46,14 +47,6 @@ class BadImage(Exception):
     """An example that cannot be decoded; the message is one line naming the file."""
 
 
-def labels_from_class_index(class_index: np.ndarray, num_classes: int) -> np.ndarray:
-    """The folder convention of `nanlab.data`: 2 classes -> K=1 with label 1 for the SECOND
-    class in sorted order; more -> one-hot over K = num_classes (one-vs-rest)."""
-    if num_classes == 2:
-        return (class_index == 1).astype(np.float32)[:, None]
-    return np.eye(num_classes, dtype=np.float32)[class_index]
-
-
 def decode_image(data: bytes | Path, image_size: int) -> np.ndarray:
     """Decodes an encoded image (bytes or a path) to uint8 RGB (S, S, 3), bilinear resize.
 
@@ -63,34 +56,6 @@ def decode_image(data: bytes | Path, image_size: int) -> np.ndarray:
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
         rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8)
-
-
-def list_image_folder(root: Path) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
-    """Lists an image folder without decoding anything.
-
-    Returns:
-      (class_names, relative file paths "class/file", int32 class index per file).
-
-    Raises:
-      DataError: an empty folder, fewer than 2 class subfolders, a class without image files.
-    """
-    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
-    if not entries:
-        raise DataError(f"empty data folder {root}: expected one subfolder per class")
-    class_dirs = sorted((p for p in entries if p.is_dir()), key=lambda p: p.name)
-    if len(class_dirs) < 2:
-        raise DataError(
-            f"data folder {root} has {len(class_dirs)} class subfolder(s); need at least 2 (one per class)"
-        )
-    files: list[str] = []
-    class_index: list[int] = []
-    for index, class_dir in enumerate(class_dirs):
-        names = sorted(p.name for p in class_dir.iterdir() if _is_image_file(p))
-        if not names:
-            raise DataError(f"class folder {class_dir} has no image files ({', '.join(IMAGE_SUFFIXES)})")
-        files.extend(f"{class_dir.name}/{name}" for name in names)
-        class_index.extend([index] * len(names))
-    return tuple(p.name for p in class_dirs), tuple(files), np.asarray(class_index, np.int32)
 
 
 @dataclasses.dataclass(eq=False)
@@ -338,27 +303,7 @@ class NpzSource:
                 raise DataError(f"unreadable .npz file {path}: {_describe(error)}") from None
         source = None
         try:
-            if x_dtype.hasobject:
-                raise DataError(f"{path}: x or y holds arrays of mixed shapes (an object array)")
-            if not (np.issubdtype(x_dtype, np.number) or x_dtype == bool):
-                raise DataError(f"{path}: x must be numeric, got dtype {x_dtype}")
-            if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
-                raise DataError(f"{path}: y must be numeric, got dtype {y.dtype}")
-            if len(x_shape) not in (3, 4):
-                raise DataError(f"{path}: x must have shape (N, H, W, C) or (N, H, W), got {x_shape}")
-            if y.ndim == 1:
-                y = y[:, None]
-            if y.ndim != 2:
-                raise DataError(f"{path}: y must have shape (N,) or (N, K), got {y.shape}")
-            if x_shape[0] != y.shape[0]:
-                raise DataError(f"{path}: x and y lengths differ: x has {x_shape[0]} examples, y has {y.shape[0]}")
-            if x_shape[0] == 0 or y.shape[1] == 0 or min(x_shape[1:]) == 0:
-                raise DataError(f"{path}: empty arrays: x {x_shape}, y {y.shape}")
-            y = y.astype(np.float32)
-            bad = ~((y >= 0) & (y <= 1))  # also catches NaN labels
-            if bad.any():
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise DataError(f"{path}: labels must lie in [0, 1], got y{list(first)} = {y[first]!r}")
+            y = check_npz_arrays(path, x_shape, x_dtype, y)
             source = cls(path, x_file, x_offset, tuple(x_shape), x_dtype, y, image_size, path.stat().st_size)
         finally:
             if cleanup is not None:
