@@ -103,15 +103,13 @@ def _three_checkpoints(directory):
 
 def _file_roles(directory):
     """Each file of a checkpoint as a role that survives a new save: its path, or for the content-
-    addressed data files (random names), the folder and the file's rank in it ('default/d/#0')."""
-    roles = {}
+    addressed data files (random names, and a number that varies between saves) their folder,
+    'default/d/*', standing for every file in it. Role -> the files to damage."""
+    roles: dict[str, list] = {}
     for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
         relative = path.relative_to(directory)
-        if relative.parent.name == "d":
-            rank = sorted(q.name for q in path.parent.iterdir()).index(path.name)
-            roles[f"{relative.parent}/#{rank}"] = path
-        else:
-            roles[str(relative)] = path
+        role = f"{relative.parent}/*" if relative.parent.name == "d" else str(relative)
+        roles.setdefault(role, []).append(path)
     return roles
 
 
@@ -137,7 +135,8 @@ def _damage(path, how):
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, role, how):
     directory = tmp_path / "ck"
     _three_checkpoints(directory)
-    _damage(_file_roles(directory / "3")[role], how)
+    for path in _file_roles(directory / "3")[role]:
+        _damage(path, how)
     step, restored, skipped = Checkpointer(directory).restore_newest_intact(_state())
     # Never wrong values: either the damage did not touch what a restore reads (checkpoint 3
     # comes back whole) or checkpoint 3 is skipped, with a reason, for the intact checkpoint 2.
