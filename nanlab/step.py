@@ -75,7 +75,9 @@ class StepStats:
       grad_norm: global L2 norm of the gradients (NaN when a gradient is NaN or infinite).
       lr: the learning rate of this step.
       loss_finite, grads_finite: bool, each quantity free of NaN and Inf.
-      finite: bool, both (and, with the skip guard, the guard did not skip the step).
+      batch_stats_finite: bool, the BatchNorm statistics this step writes are free of NaN and Inf.
+      finite: bool, all three (with the skip guard: loss and gradients, and the guard did not
+        skip the step).
       skipped: bool, this step's update was dropped by the skip-nonfinite guard.
       total_skipped: int32, steps skipped so far in the run (0 without the guard).
       module_grad_norms: top-level module name -> gradient norm.
@@ -88,6 +90,7 @@ class StepStats:
     lr: jax.Array
     loss_finite: jax.Array
     grads_finite: jax.Array
+    batch_stats_finite: jax.Array
     finite: jax.Array
     skipped: jax.Array
     total_skipped: jax.Array
@@ -258,6 +261,10 @@ def make_train_step(
         grad_sq_total = sum(grad_sq.values(), jnp.zeros((), jnp.float32))
         loss_finite = jnp.isfinite(loss)
         grads_finite = finite_from_sq_norm(grad_sq_total)
+        # BatchNorm's running statistics bypass the gradients: huge activations can overflow the
+        # running variance (bfloat16: high-lr) in a step whose loss and gradients are finite, and
+        # only the next step would meet it. One more small sum of squares (per-channel vectors).
+        stats_finite = finite_from_sq_norm(tree_sq_norm(new_batch_stats, nan_if_nonfinite=True))
         inputs_ok = loss_finite & grads_finite
 
         def update():
@@ -270,7 +277,7 @@ def make_train_step(
             if skip_nonfinite:
                 # The guard already zeroed the update; BatchNorm's statistics bypass the
                 # optimizer, so a NaN forward pass must not reach them either (small arrays).
-                batch_stats = jax.tree.map(lambda new, old: jnp.where(inputs_ok, new, old),
+                batch_stats = jax.tree.map(lambda new, old: jnp.where(inputs_ok & stats_finite, new, old),
                                            new_batch_stats, state.batch_stats)
             return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                  batch_stats=batch_stats, opt_state=new_opt_state)
@@ -281,12 +288,12 @@ def make_train_step(
         # finiteness too (updates materialized, old and new state side by side); a second
         # cond level around it +7-17%. Non-finite, or frozen by the caller (`apply_update`
         # False): the input state comes back, so the loop can replay the step exactly.
-        proceed = apply_update if skip_nonfinite else inputs_ok & apply_update
+        proceed = apply_update if skip_nonfinite else inputs_ok & stats_finite & apply_update
         if proceed is True:
             new_state = update()
         else:
             new_state = lax.cond(proceed, update, lambda: state)
-        finite = inputs_ok
+        finite = inputs_ok if skip_nonfinite else inputs_ok & stats_finite
         skip_state = find_skip_state(new_state.opt_state) if skip_nonfinite else None
         total_skipped = (
             jnp.asarray(skip_state.total_skips, jnp.int32) if skip_state is not None else jnp.zeros((), jnp.int32)
@@ -302,6 +309,7 @@ def make_train_step(
             lr=jnp.asarray(lr, jnp.float32),
             loss_finite=loss_finite,
             grads_finite=grads_finite,
+            batch_stats_finite=stats_finite,
             finite=finite,
             skipped=jnp.logical_and(skip_nonfinite, ~finite),
             total_skipped=total_skipped,

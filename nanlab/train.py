@@ -222,7 +222,8 @@ def _nonfinite_quantities(stats) -> list[str]:
     """What a failed step found non-finite; None stats: the weights a previous update wrote."""
     if stats is None:
         return ["weights (written by the previous step's update)"]
-    return [name for name, flag in (("loss", stats.loss_finite), ("gradients", stats.grads_finite))
+    return [name for name, flag in (("loss", stats.loss_finite), ("gradients", stats.grads_finite),
+                                    ("BatchNorm statistics", stats.batch_stats_finite))
             if not bool(flag)]
 
 

@@ -47,3 +47,15 @@ def test_unscaled_inputs_in_bfloat16_stay_finite_as_documented(tmp_path, capsys)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "ok"
     assert summary["input_stats"]["raw"]["max"] == 255_000.0
+
+
+def test_high_lr_in_bfloat16_is_caught_where_the_batchnorm_statistics_overflow(tmp_path, capsys):
+    # In bfloat16 the running variance of a BatchNorm overflows in a step whose loss and gradients
+    # are still finite; the sentinel checks the statistics too, so that step is the one replayed.
+    code, workdir = _run(tmp_path, capsys, scenario="high-lr", dtype="bfloat16")
+    assert code == 3
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["nonfinite"] == ["BatchNorm statistics"]
+    origin = report["report"]["origin"]
+    assert origin["cause"] == "overflow" and origin["phase"] == "forward"
+    assert origin["module"].endswith("BatchNorm_0")
