@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nanlab.machine import cpu_model
+
 
 def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A photo-like RGB image: a colour gradient, a few filled shapes, mild per-pixel noise."""
@@ -137,16 +139,6 @@ def train_step_rate(steps: int) -> tuple[float, float, dict]:
     settings = {"batch": config.batch_size, "image_size": config.image_size, "width": config.width_multiplier,
                 "optimizer": config.optimizer, "median_step_ms": 1e3 * statistics.median(times)}
     return config.batch_size / statistics.median(times), compile_s, settings
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

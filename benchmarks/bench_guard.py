@@ -49,11 +49,11 @@ import numpy as np
 import optax
 from jax.experimental import checkify
 
-try:  # the refactor moves the bootstrap into nanlab.stats
-    from nanlab.stats import bootstrap_ci
-except ImportError:
-    from nanlab.compare import bootstrap_ci
-from nanlab.guard import NonFiniteError, guard
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ as a package
+
+from benchmarks.bench_sentinel import write  # noqa: E402  (print the table, and write it with --out)
+from nanlab.guard import NonFiniteError, guard  # noqa: E402
+from nanlab.stats import bootstrap_ci  # noqa: E402
 
 VARIANTS = ("plain (again)", "guard", "guard check_every=10", "jax_debug_nans", "checkify float_checks")
 MODELS = ("inception", "nnx")
@@ -299,13 +299,6 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["failure"] = time_to_report(case)
             write(to_markdown(results, args.rounds, command), args.out)
     return 0
-
-
-def write(text: str, path: str) -> None:
-    print(text, flush=True)
-    if path:
-        with open(path, "w") as f:
-            f.write(text)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import benchmarks.bench_sentinel as sentinel  # noqa: E402
 from nanlab.trace import localize  # noqa: E402
+from nanlab.machine import cpu_model  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -62,17 +63,6 @@ class CompileCounter:
     def stop(self) -> tuple[int, float]:
         self.active = False
         return self.count, self.seconds
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def max_rss_gib() -> float:

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanlab.machine import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The process under test: the train CLI, with JAX's compile events written to a file at exit.
@@ -100,16 +102,6 @@ def compile_table(runs: dict[str, dict], top: int) -> list[str]:
     return lines
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -128,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    header = (f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, Python {platform.python_version()}; "
+    header = (f"{cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__}, Python {platform.python_version()}; "
               f"train flags: {' '.join(flags) or '(the defaults: the README main job)'}")
     print(header, flush=True)
     with tempfile.TemporaryDirectory(prefix="nanlab-startup-") as tmp:

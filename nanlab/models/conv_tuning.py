@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanlab.machine import cpu_model
 from nanlab.models import conv as conv_lib
 
 __all__ = ["ENV_VAR", "candidates", "machine_id", "default_path", "record_conv_keys", "conv_keys_of",
@@ -59,15 +59,7 @@ def candidates(key: str) -> tuple[str, ...]:
 
 def machine_id() -> str:
     """What the timings depend on: the CPU model, its core count, the JAX version and backend."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} | {os.cpu_count()} cores | jax {jax.__version__} | {jax.default_backend()}"
+    return f"{cpu_model()} | {os.cpu_count()} cores | jax {jax.__version__} | {jax.default_backend()}"
 
 
 def default_path() -> Path | None:
