@@ -204,6 +204,12 @@ class Checkpointer:
             self._manager.delete(s)
         return newer
 
+    def remove_temporary(self) -> None:
+        """Delete the temporary folders of saves that never finished (a save aborted in this process)."""
+        for path in self.directory.iterdir():
+            if path.is_dir() and ".orbax-checkpoint-tmp" in path.name:
+                shutil.rmtree(path, ignore_errors=True)
+
     def _remove_partial(self, step: int) -> None:
         """Delete what a failed save of `step` left (orbax's temporary folder, or an incomplete one)."""
         complete = step in self._manager.all_steps()

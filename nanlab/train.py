@@ -323,6 +323,9 @@ def run(config: config_lib.TrainConfig) -> int:
         return _run(config)
     except BadInput as error:
         return _cli.report_bad_input(PROG, error)
+    except KeyboardInterrupt:  # the second Ctrl-C: abort without a traceback
+        print(f"{PROG}: aborted; resume with --resume from the last complete checkpoint", file=sys.stderr)
+        return 130
 
 
 def _prepare_workdir(config: config_lib.TrainConfig) -> Path:
@@ -455,6 +458,8 @@ def _run(config: config_lib.TrainConfig) -> int:
     with contextlib.ExitStack() as resources:  # closes the run log, then the checkpointer
         checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
         resources.callback(checkpointer.close)
+        # A second Ctrl-C aborts at once, maybe inside a save: leave only complete checkpoints.
+        resources.push(lambda kind, *_: checkpointer.remove_temporary() if kind is KeyboardInterrupt else None)
         start_step, state = _initial_state(config, parts, checkpointer)
         fns = _step_fns(config, parts)
         summary: dict[str, Any] = {
