@@ -20,10 +20,18 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["ENV_VAR", "OFF", "default_dir", "resolve", "enable"]
+__all__ = ["ENV_VAR", "OFF", "RUN_ONCE_OPTIONS", "default_dir", "resolve", "enable"]
 
 ENV_VAR = "NANLAB_COMPILE_CACHE"
 OFF = "off"
+
+# `jax.jit(..., compiler_options=RUN_ONCE_OPTIONS)` for programs that run once or a few times
+# (a model's init, the localizer's one-equation programs): XLA's CPU backend compiles them several
+# times faster without its optimization passes, and a program that runs once cannot win that back.
+# The values are XLA's own (no fast-math change): a one-equation program gives the same bits at
+# either level, and an init's random normal draws may differ by a few ulp (measured: 1 ulp on jax
+# 0.10, up to 4 on 0.12), uniform ones not at all.
+RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def default_dir() -> Path:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from nanlab.trace import _jax, _shards
+from nanlab.trace import _eager, _jax, _shards
 from nanlab.trace._analysis import _cached_live, _JaxprKey, _last_use, _segments
 from nanlab.trace._compiled import SegmentEvaluator
 from nanlab.trace._events import ForwardIndex, make_event
@@ -193,7 +193,7 @@ class _Interpreter:
         self.counter += 1
         if ctx.shard is None:
             with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                outs = _jax.bind_eager(eqn, [a.value for a in invals])
+                outs = _eager.evaluate(eqn, [a.value for a in invals])
         else:
             stacked = [ctx.shard.stacked(a.value, v.aval) for a, v in zip(invals, eqn.invars)]
             outs = _jax.bind_per_shard(eqn, [a.value for a in invals], stacked, ctx.shard.axes,

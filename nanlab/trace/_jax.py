@@ -28,6 +28,7 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as _prims
 from jax.extend.source_info_util import NameStack
 
+from nanlab.compile_cache import RUN_ONCE_OPTIONS
 from nanlab.trace import _frameworks
 
 # Call-like primitives whose body the replay enters, each with the param that holds the body.
@@ -140,15 +141,12 @@ def bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
 
 
 # Compiling one program per distinct (primitive, parameters, shapes) is most of an eager replay's
-# time on CPU (55 of 85 s for InceptionV3 at full size); XLA's CPU backend compiles a one-primitive
-# program ~3x faster without its optimization passes, which have nothing to fuse in it.
-_EAGER_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
+# time on CPU; a one-primitive program has nothing for XLA's optimization passes to fuse, and
+# compiles ~3x faster without them (see `nanlab.compile_cache.RUN_ONCE_OPTIONS`).
 @functools.lru_cache(maxsize=8192)
 def _eager_program(primitive: Any, params: tuple) -> Callable[..., Any]:
     kwargs = dict(params)
-    return jax.jit(lambda *values: primitive.bind(*values, **kwargs), compiler_options=_EAGER_COMPILER_OPTIONS)
+    return jax.jit(lambda *values: primitive.bind(*values, **kwargs), compiler_options=RUN_ONCE_OPTIONS)
 
 
 def bind_eager(eqn: Any, values: Sequence[Any]) -> list[Any]:
