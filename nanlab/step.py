@@ -25,6 +25,7 @@ BatchNorm statistics, which the optimizer never sees.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -32,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 import optax
 
 from nanlab.numerics import finite_from_sq_norm, tree_norm, tree_sq_norm, tree_sq_norms
@@ -407,5 +409,13 @@ def recalibrated(state: TrainState, batch_moments: Callable[[TrainState, jax.Arr
     moments = [batch_moments(state, x) for x in xs]
     if not moments:
         return state
-    mean = jax.tree.map(lambda *vs: sum(vs) / len(vs), *moments)
-    return state.replace(batch_stats=mean)
+    return state.replace(batch_stats=_mean_of_trees(moments, np.float32(len(moments))))
+
+
+@jax.jit
+def _mean_of_trees(trees: list[Any], count: jax.Array) -> Any:
+    # One program for every BatchNorm layer (eager, each shape's add and divide compiled apart).
+    # `count` is an operand, not a constant: XLA turns a division by a constant into a
+    # multiplication by its reciprocal, which rounds differently from the mean's division.
+    total = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), trees)
+    return jax.tree.map(lambda t: t / count.astype(t.dtype), total)

@@ -361,7 +361,7 @@ def _build_parts(config: config_lib.TrainConfig) -> _Parts:
     import jax.numpy as jnp
 
     from nanlab import data as data_lib
-    from nanlab import losses, models, optim
+    from nanlab import compile_cache, losses, models, optim
     from nanlab import step as step_lib
 
     dataset, input_stats = data_lib.load_for_config(config)
@@ -370,7 +370,9 @@ def _build_parts(config: config_lib.TrainConfig) -> _Parts:
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
     sample_x = jnp.zeros((config.batch_size,) + dataset.x_train.shape[1:], jnp.float32)
-    init = jax.jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed))
+    # Runs once per run: compiled without XLA's optimization passes (see compile_cache).
+    init = jax.jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed),
+                   compiler_options=compile_cache.RUN_ONCE_OPTIONS)
     return _Parts(dataset, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
 
 

@@ -82,3 +82,25 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     assert any(cache.iterdir())
     second = _run_program(cache)
     assert second.endswith("misses 0") and not second.startswith("hits 0 ")
+
+
+def test_run_once_options_keep_a_uniform_init_bit_for_bit():
+    # InceptionV3's kernels are glorot_uniform: the init compiled without optimization passes
+    # (train's and compare's) must draw the same weights as the optimized one.
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nanlab.compile_cache import RUN_ONCE_OPTIONS
+
+    model = nn.Sequential([nn.Conv(8, (3, 3), kernel_init=nn.initializers.glorot_uniform()), nn.relu,
+                           nn.Dense(3, kernel_init=nn.initializers.glorot_uniform())])
+    x = jnp.zeros((2, 9, 9, 3))
+    init = lambda x: model.init(jax.random.key(7), x)  # noqa: E731
+    plain = jax.jit(init)(x)
+    run_once = jax.jit(init, compiler_options=RUN_ONCE_OPTIONS)(x)
+    leaves = jax.tree.leaves(plain)
+    assert len(leaves) == 4
+    for a, b in zip(leaves, jax.tree.leaves(run_once)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))

@@ -230,3 +230,18 @@ def test_finite_flag_from_the_sum_of_squares(values, finite, size):
     if finite:
         np.testing.assert_allclose(float(numerics.tree_sq_norm(tree, nan_if_nonfinite=True)),
                                    float(numerics.tree_sq_norm(tree)), rtol=1e-6)
+
+
+def test_recalibrated_takes_the_float32_mean_of_the_batch_moments():
+    model = TinyNet()
+    state = step_lib.create_train_state(model, optax.sgd(0.1), _batch()[0], seed=0)
+    moments_fn = jax.jit(step_lib.make_batch_moments_fn(model, 0.99))
+    xs = [_batch(seed)[0] * (1 + seed) for seed in range(3)]
+    moments = jax.device_get([moments_fn(state, x) for x in xs])
+    out = step_lib.recalibrated(state, moments_fn, xs)
+    # The mean as float32 arithmetic does it, left to right and then one division (not a
+    # multiplication by 1/3, which rounds differently): the jitted mean must keep those bits.
+    expected = jax.tree.map(lambda *vs: (np.float32(vs[0]) + vs[1] + vs[2]) / np.float32(3), *moments)
+    jax.tree.map(lambda o, e: np.testing.assert_array_equal(np.asarray(o), e), out.batch_stats, expected)
+    assert jax.tree.leaves(out.batch_stats)  # a BatchNorm model: the comparison saw arrays
+    assert step_lib.recalibrated(state, moments_fn, []) is state

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanlab.compare.chains import Chain, chain_structure, chain_thresholds
+from nanlab.compile_cache import RUN_ONCE_OPTIONS
 from nanlab.compare.replicas import Problem, StepRecord, init_replica, make_eval_fn, make_replica_step
 from nanlab.compare.replicas import replica_train_step, replicas_of
 from nanlab.data import batch_at
@@ -199,7 +200,7 @@ def _compile_for(problem: Problem, vmapped: bool, scan: bool) -> _Compiled:
         run_chunk = jax.jit(scan_chunk, donate_argnums=1)
 
     return _Compiled(
-        init=jax.jit(init),
+        init=jax.jit(init, compiler_options=RUN_ONCE_OPTIONS),  # runs once: no optimization passes
         run_chunk=run_chunk,
         evaluate=evaluate,
         evaluate_looped=evaluate_looped,
