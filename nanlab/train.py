@@ -283,7 +283,7 @@ def _report_nonfinite(*, workdir: Path, step: int, quantities: list[str], train_
 
     what = ", ".join(quantities) if quantities else "a value (jax_debug_nans/infs)"
     print(f"{PROG}: step {step} went non-finite: {what}; replaying it to localize the origin...", file=sys.stderr)
-    # Host copies: the replay runs op by op, and a sharded state need not be gathered per op.
+    # Host copies of the state and the batch (a sharded state is gathered once, here).
     error = replay_failure(train_step, jax.device_get((state, batch)), step=step, history=history,
                            verbose=False, what="step")
     print(f"\nnon-finite at step {step}: {what}")
@@ -635,7 +635,6 @@ class _Loop:
         return EXIT_NONFINITE
 
     def _fail_summary(self, failed_step: int, quantities: list[str]) -> None:
-        self.runlog.close()
         rows = self.runlog.rows
         self.summary.update(status="non-finite", failed_step=failed_step, nonfinite=quantities,
                             last_finite_loss=rows[-1]["loss"] if rows else None)
