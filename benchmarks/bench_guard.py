@@ -19,8 +19,13 @@ Two steps, each a user's own pure step ``(state, batch) -> (state, metrics)`` wi
 Variants, interleaved round by round in a shuffled order so a shared machine's load hits each alike:
 plain (`jax.jit`, donated), plain (again) (a second jit of the same step: the A/A control, whose
 interval shows what the machine can resolve), guard (`nanlab.guard.guard(step, donate_argnums=0)`,
-the flag of the previous call read every call), guard check_every=10, jax_debug_nans (not donated:
-it re-runs a failing call on its arguments) and checkify float_checks (error fetched every step).
+the flag of the previous call read every call), guard check_every=10, the cheap path (the same step
+written with its own flag: nanlab's sentinel, one sum of squares over the gradients and the loss's
+isfinite, and its update under ``lax.cond`` on that flag and an ``apply_update`` argument), jitted
+alone as "own flag (jit)" and guarded as "guard own flag" (``guard(own_step, donate_argnums=0,
+finite=..., gate_kwarg="apply_update")``, as ``python -m nanlab.train`` runs its step),
+jax_debug_nans (not donated: it re-runs a failing call on its arguments) and checkify float_checks
+(error fetched every step).
 Each variant's time is one call through to a ready state (`block_until_ready`), so the guard's
 host-side work is inside it.
 
@@ -38,7 +43,6 @@ import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -47,15 +51,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jax.experimental import checkify
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ as a package
 
 from benchmarks.bench_sentinel import write  # noqa: E402  (print the table, and write it with --out)
 from nanlab.guard import NonFiniteError, guard  # noqa: E402
+from nanlab.machine import cpu_model  # noqa: E402
+from nanlab.numerics import finite_from_sq_norm, tree_sq_norm  # noqa: E402
 from nanlab.stats import bootstrap_ci  # noqa: E402
 
-VARIANTS = ("plain (again)", "guard", "guard check_every=10", "jax_debug_nans", "checkify float_checks")
+VARIANTS = ("plain (again)", "guard", "guard check_every=10", "own flag (jit)", "guard own flag",
+            "jax_debug_nans", "checkify float_checks")
 MODELS = ("inception", "nnx")
 
 
@@ -87,6 +95,25 @@ def inception_case(width: float, size: int, batch: int, seed: int = 0) -> dict[s
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), new_stats, opt_state), {"loss": loss}
 
+    def own_step(state, batch, apply_update=True):
+        """`step` with its own flag (nanlab's sentinel) and its update under lax.cond: the cheap path."""
+        params, batch_stats, opt_state = state
+        x, y = batch
+
+        def loss_fn(p):
+            logits, new = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"])
+            return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y)), new["batch_stats"]
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        finite = own_flag(loss, grads, new_stats)
+
+        def update():
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), new_stats, new_opt_state)
+
+        return lax.cond(finite & apply_update, update, lambda: state), {"loss": loss, "finite": finite}
+
     def plant(state):
         """The state with one Mixed_5b 1x1 kernel at 3e38: its convolution overflows (forward)."""
         params = jax.tree.map(lambda a: a, state[0])
@@ -94,7 +121,7 @@ def inception_case(width: float, size: int, batch: int, seed: int = 0) -> dict[s
         conv["kernel"] = jnp.full_like(conv["kernel"], 3e38)
         return (params, state[1], state[2])
 
-    return {"step": step, "state": state, "batch": (x, y), "plant": plant,
+    return {"step": step, "own_step": own_step, "state": state, "batch": (x, y), "plant": plant,
             "about": f"InceptionV3 width {width}, {size}x{size}, batch {batch}, SGD momentum"}
 
 
@@ -137,6 +164,22 @@ def nnx_case(width: int = 256, hidden: int = 1024, blocks: int = 4, tokens: int 
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), {"loss": loss}
 
+    def own_step(state, batch, apply_update=True):
+        """`step` with its own flag (nanlab's sentinel) and its update under lax.cond: the cheap path."""
+        # Merged from a copy of the containers: nnx.merge reuses the State's Variables, and the
+        # optimizer's update inside the cond branch must not write into those of the other branch.
+        model, _ = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+        x, y = batch
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        finite = own_flag(loss, grads)
+
+        def update():
+            model, optimizer = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+            optimizer.update(model, grads)
+            return nnx.state((model, optimizer))
+
+        return lax.cond(finite & apply_update, update, lambda: state), {"loss": loss, "finite": finite}
+
     def plant(state):
         """The state with the second block's down-projection kernel at 3e38: its matmul overflows."""
         model, optimizer = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
@@ -145,16 +188,26 @@ def nnx_case(width: int = 256, hidden: int = 1024, blocks: int = 4, tokens: int 
 
     # checkify cannot run it: NNX refuses to mutate a Variable from checkify's trace level
     # (flax.errors.TraceContextError), whether the gradient is nnx's or jax's.
-    return {"step": step, "state": state, "batch": (x, y), "plant": plant, "skip": ("checkify float_checks",),
+    return {"step": step, "own_step": own_step, "state": state, "batch": (x, y), "plant": plant,
+            "skip": ("checkify float_checks",),
             "about": f"NNX MLP stack {blocks} x ({width} -> {hidden} -> {width}), {tokens} tokens, Adam"}
+
+
+def own_flag(loss: jax.Array, grads: Any, *more: Any) -> jax.Array:
+    """nanlab's sentinel: the loss is finite and one float32 sum of squares over the gradients (and
+    `more`, e.g. new BatchNorm statistics) is not NaN (`nanlab.numerics`, as `nanlab.step`)."""
+    return jnp.isfinite(loss) & finite_from_sq_norm(tree_sq_norm((grads, *more), nan_if_nonfinite=True))
 
 
 # ------------------------------------------------------------------------------------------ the timing
 
 
-def steppers(step: Callable, batch: Any, variants: list[str]) -> dict[str, Callable[[Any], Any]]:
+def steppers(step: Callable, own_step: Callable, batch: Any, variants: list[str]) -> dict[str, Callable[[Any], Any]]:
     """Variant name -> ``state -> new state`` (one call of that variant)."""
     plain = jax.jit(step, donate_argnums=0)
+    own = jax.jit(own_step, donate_argnums=0)
+    guarded_own = guard(own_step, donate_argnums=0, finite=lambda outputs: outputs[1]["finite"],
+                        gate_kwarg="apply_update", verbose=False)
     plain_again = jax.jit(step, donate_argnums=0)
     undonated = jax.jit(step)
     guarded = guard(step, donate_argnums=0, verbose=False)
@@ -175,6 +228,8 @@ def steppers(step: Callable, batch: Any, variants: list[str]) -> dict[str, Calla
         "plain (again)": lambda s: plain_again(s, batch)[0],
         "guard": lambda s: guarded(s, batch)[0],
         "guard check_every=10": lambda s: guarded_10(s, batch)[0],
+        "own flag (jit)": lambda s: own(s, batch)[0],
+        "guard own flag": lambda s: guarded_own(s, batch)[0],
         "jax_debug_nans": debug_nans,
         "checkify float_checks": checkified,
     }
@@ -182,7 +237,8 @@ def steppers(step: Callable, batch: Any, variants: list[str]) -> dict[str, Calla
 
 
 def time_variants(case: dict[str, Any], rounds: int, variants: list[str], seed: int = 0) -> dict[str, Any]:
-    runs = steppers(case["step"], case["batch"], [v for v in variants if v not in case.get("skip", ())])
+    runs = steppers(case["step"], case["own_step"], case["batch"],
+                    [v for v in variants if v not in case.get("skip", ())])
     states = {name: jax.tree.map(jnp.copy, case["state"]) for name in runs}  # donation consumes each
 
     def timed(name: str) -> float:
@@ -201,7 +257,11 @@ def time_variants(case: dict[str, Any], rounds: int, variants: list[str], seed: 
             times[name].append(timed(name))
     ratios = {name: bootstrap_ci([t / p for t, p in zip(times[name], times["plain"])], statistic=np.median)
               for name in runs}
-    return {"medians": {name: statistics.median(times[name]) for name in runs}, "ratios": ratios}
+    # The guard's own price on the cheap path: the guarded own-flag step against the same step jitted.
+    pairs = {"guard own flag / own flag (jit)": ("guard own flag", "own flag (jit)")}
+    paired = {label: bootstrap_ci([t / b for t, b in zip(times[top], times[base])], statistic=np.median)
+              for label, (top, base) in pairs.items() if top in runs and base in runs}
+    return {"medians": {name: statistics.median(times[name]) for name in runs}, "ratios": ratios, "paired": paired}
 
 
 def time_to_report(case: dict[str, Any], failing_call: int = 3) -> dict[str, Any]:
@@ -227,15 +287,6 @@ def time_to_report(case: dict[str, Any], failing_call: int = 3) -> dict[str, Any
 # ------------------------------------------------------------------------------------------ the report
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else platform.machine()
-
-
 def to_markdown(results: dict[str, dict[str, Any]], rounds: int, command: str) -> str:
     lines = [
         "# Guard cost: plain jit vs nanlab.guard vs jax_debug_nans vs checkify",
@@ -255,6 +306,8 @@ def to_markdown(results: dict[str, dict[str, Any]], rounds: int, command: str) -
             lines.append(f"| {variant} | {1e3 * median:.1f} | {ratio:.3f} | {low:.3f}-{high:.3f} |")
         for variant in result.get("skip", ()):
             lines.append(f"| {variant} | n/a | n/a | n/a |")
+        for label, (ratio, low, high) in result.get("paired", {}).items():
+            lines += ["", f"{label}: median ratio {ratio:.3f}, 95% interval {low:.3f}-{high:.3f}."]
         failure = result.get("failure")
         if failure:
             lines += ["", f"Failure to report: {failure['seconds']:.1f} s from dispatching the failing call "

@@ -20,9 +20,11 @@ alike:
 - jax_debug_nans: the plain step with `jax_debug_nans` on (host checks after every jitted call),
   not donated, as nanlab's loop runs it under --debug-nans.
 - checkify: the plain step under `checkify.checkify(errors=float_checks)`, error fetched each step.
-- nanlab loop step: `nanlab.step.make_loop_step` over `nanlab.step.make_train_step`, exactly what
-  the training loop runs on every step; and "(logged)": what it runs on the steps it logs (the
-  weights copied before the step, `nanlab.step.update_telemetry` after it).
+- nanlab loop step: `nanlab.guard.guard` over `nanlab.step.make_train_step` with the step's own
+  flag and gate (``finite=nanlab.step.guard_flag, gate_kwarg="apply_update"``, check_every 10),
+  exactly what the training loop runs on every step; and "(logged)": what it runs on the steps it
+  logs (the weights copied before the step, the guard's carry read (`GuardedStep.check`),
+  `nanlab.step.update_telemetry` after it).
 
 - the sentinel's two parts, each alone: its gate (the update under ``lax.cond`` on the loss's
   finiteness; no reduction) and its reduction (the gradients' sum of squares and finite flag;
@@ -129,8 +131,8 @@ VARIANTS = ("plain (again)", "sentinel", "sentinel gate only", "sentinel reducti
 
 def run(width: float, size: int, batch: int, rounds: int, variants: list[str] | None = None,
         seed: int = 0) -> dict[str, Any]:
-    from nanlab.step import TrainState, make_train_step, update_telemetry
-    from nanlab.step import make_loop_step
+    from nanlab.guard import guard
+    from nanlab.step import TrainState, guard_flag, make_train_step, update_telemetry
 
     model, tx, state, data = build(width, size, batch, seed)
     # Every variant but jax_debug_nans donates its state, as nanlab's loop does (a donated step
@@ -141,7 +143,8 @@ def run(width: float, size: int, batch: int, rounds: int, variants: list[str] | 
     guarded = jax.jit(make_step(model, tx, sentinel=True), **donated)
     checked = jax.jit(checkify.checkify(make_step(model, tx, sentinel=False), errors=checkify.float_checks),
                       **donated)
-    loop_step = make_loop_step(make_train_step(model, bce, tx), skip_nonfinite=False)
+    loop_step = guard(make_train_step(model, bce, tx), donate_argnums=0, check_every=10, finite=guard_flag,
+                      gate_kwarg="apply_update", verbose=False)
     snapshot = jax.jit(lambda params: jax.tree.map(jnp.copy, params))
     telemetry = jax.jit(update_telemetry)
 
@@ -149,7 +152,6 @@ def run(width: float, size: int, batch: int, rounds: int, variants: list[str] | 
         return TrainState(step=jnp.zeros((), jnp.int32), params=s[0], batch_stats=s[1], opt_state=s[2],
                           rng=jax.random.key(seed))
 
-    ok = jnp.bool_(True)
     # Each variant threads its own copy of the state (donation consumes the input buffers).
     states: dict[str, Any] = {}
     plain_again = jax.jit(make_step(model, tx, sentinel=False), **donated)
@@ -163,8 +165,8 @@ def run(width: float, size: int, batch: int, rounds: int, variants: list[str] | 
         "sentinel reduction only": lambda s: reduction_only(s, data)[0],
         "jax_debug_nans": lambda s: _with_debug_nans(undonated_plain, s, data)[0],
         "checkify float_checks": lambda s: _checkify_step(checked, s, data)[0],
-        "nanlab loop step": lambda s: loop_step(s, data, ok)[0],
-        "nanlab loop step (logged)": lambda s: _logged_step(loop_step, snapshot, telemetry, s, data, ok),
+        "nanlab loop step": lambda s: loop_step(s, data)[0],
+        "nanlab loop step (logged)": lambda s: _logged_step(loop_step, snapshot, telemetry, s, data),
     }
     if variants is not None:
         steppers = {name: fn for name, fn in steppers.items() if name == "plain" or name in variants}
@@ -234,11 +236,11 @@ def _with_debug_nans(step: Callable, state: Any, data: Any) -> Any:
         return step(state, data)
 
 
-def _logged_step(loop_step: Callable, snapshot: Callable, telemetry: Callable, state: Any, data: Any,
-                 ok: Any) -> Any:
-    """A step the loop logs: the weights copied before it, update_telemetry after it."""
+def _logged_step(loop_step: Any, snapshot: Callable, telemetry: Callable, state: Any, data: Any) -> Any:
+    """A step the loop logs: the weights copied before it, the guard's carry read, update_telemetry."""
     before = snapshot(state.params)
-    new_state = loop_step(state, data, ok)[0]
+    loop_step(state, data)
+    new_state = loop_step.check()[0]
     jax.block_until_ready(telemetry(before, new_state.params))
     return new_state
 

@@ -59,7 +59,7 @@ from jax import lax
 
 from nanlab._modules import make_callable
 
-__all__ = ["guard", "GuardedStep", "NonFiniteError", "Carry", "outputs_finite"]
+__all__ = ["guard", "GuardedStep", "NonFiniteError", "Carry", "gate", "outputs_finite", "replay_failure"]
 
 ON_FAILURE_MODES = ("raise", "skip")
 HISTORY_ROWS = 10  # metric rows kept for diagnose (its trend rules read the last `diagnose.WINDOW`)
@@ -139,8 +139,12 @@ def _returns_bare_state(outputs: Any, state: Any) -> bool:
         f"{jax.tree.structure(outputs)}")
 
 
-def _gate(accept: jax.Array, new_state: Any, old_state: Any) -> Any:
-    """`new_state` where `accept`, else `old_state`, leaf by leaf (shapes and dtypes must agree)."""
+def gate(accept: jax.Array, new_state: Any, old_state: Any) -> Any:
+    """`new_state` where `accept`, else `old_state`, leaf by leaf (shapes and dtypes must agree).
+
+    The guard's gate, also the lab's per-replica freeze (`nanlab.compare.replicas`: vmapped, `accept`
+    is then one flag per replica).
+    """
 
     def pick(path, new, old):
         new, old = jnp.asarray(new), jnp.asarray(old)
@@ -181,7 +185,7 @@ def _guarded_body(fn: Callable, finite: Callable | None, gate_kwarg: str | None,
             raise TypeError(f"finite= must return a bool scalar, got shape {ok.shape}")
         accept = ok & ~held
         if gate_kwarg is None:
-            gated = _gate(accept, state_of(outputs, layout), state)
+            gated = gate(accept, state_of(outputs, layout), state)
             outputs = with_state(outputs, gated, layout)
         failure = ~ok & ~held
         carry = jnp.stack([
@@ -219,7 +223,7 @@ class GuardedStep:
                  on_failure: str | Callable[[NonFiniteError], Any] = "raise", allow: Any = None,
                  workdir: str | Path | None = None, history: Sequence[Mapping[str, Any]] | None = None,
                  finite: Callable[[Any], Any] | None = None, gate_kwarg: str | None = None,
-                 verbose: bool = True):
+                 verbose: bool = True, replay: Callable[[int, tuple, Any], NonFiniteError] | None = None):
         if not callable(fn):
             raise TypeError(f"guard needs a callable step, got {fn!r}")
         if not (isinstance(check_every, int) and check_every >= 1):
@@ -228,6 +232,8 @@ class GuardedStep:
             raise ValueError(f"on_failure must be one of {ON_FAILURE_MODES} or a callable, got {on_failure!r}")
         if finite is not None and not callable(finite):
             raise TypeError(f"finite must be a callable outputs -> bool, got {finite!r}")
+        if replay is not None and not callable(replay):
+            raise TypeError(f"replay must be a callable (step, inputs, aux) -> NonFiniteError, got {replay!r}")
         self.donate_argnums = _argnums(donate_argnums, "donate_argnums")
         self.static_argnums = _argnums(static_argnums, "static_argnums")
         if set(self.donate_argnums) - {0}:
@@ -237,7 +243,7 @@ class GuardedStep:
             raise ValueError("the state (argument 0) cannot be static")
         self.fn, self.check_every, self.on_failure, self.allow = fn, check_every, on_failure, allow
         self.workdir = None if workdir is None else Path(workdir)
-        self.history, self.verbose = history, verbose
+        self.history, self.verbose, self.replay = history, verbose, replay
         self.events: list[NonFiniteError] = []
         self._layout: dict[str, bool] = {}
         self._jitted = jax.jit(_guarded_body(fn, finite, gate_kwarg, self._layout),
@@ -329,7 +335,7 @@ class GuardedStep:
         # Held since the failure: the latest outputs carry the failing call's input state.
         state = state_of(self._last_outputs, self._layout)
         call = self._kept[failed_at]
-        error = self._report(failed_at, (state, *call.args))
+        error = self._report(failed_at, (state, *call.args), call.aux)
         error.seconds = time.perf_counter() - seen
         self.events.append(error)
         if self.on_failure == "raise":
@@ -356,7 +362,9 @@ class GuardedStep:
         self._last_outputs = outputs
         return outputs
 
-    def _report(self, step: int, inputs: tuple) -> NonFiniteError:
+    def _report(self, step: int, inputs: tuple, aux: Any) -> NonFiniteError:
+        if self.replay is not None:
+            return self.replay(step, inputs, aux)
         history = list(self.history) if self.history is not None else self._history(before=step)
         return replay_failure(self.fn, inputs, step=step, static_argnums=self.static_argnums,
                               allow=self.allow, history=history, workdir=self.workdir, verbose=self.verbose)
@@ -380,7 +388,8 @@ def guard(fn: Callable | None = None, /, *, donate_argnums: int | Sequence[int] 
           on_failure: str | Callable[[NonFiniteError], Any] = "raise", allow: Any = None,
           workdir: str | Path | None = None, history: Sequence[Mapping[str, Any]] | None = None,
           finite: Callable[[Any], Any] | None = None, gate_kwarg: str | None = None,
-          verbose: bool = True) -> GuardedStep | Callable[[Callable], GuardedStep]:
+          verbose: bool = True, replay: Callable[[int, tuple, Any], NonFiniteError] | None = None,
+          ) -> GuardedStep | Callable[[Callable], GuardedStep]:
     """Jit a pure step with nanlab's sentinel, gate and replay; usable as ``@guard`` or ``@guard(...)``.
 
     Args:
@@ -404,13 +413,18 @@ def guard(fn: Callable | None = None, /, *, donate_argnums: int | Sequence[int] 
         earlier failure is held and does not gate the outputs itself. The step must then return its
         input state whenever its flag is False.
       verbose: print the report and the verdict.
+      replay: ``replay(step, inputs, aux) -> NonFiniteError``, called instead of `replay_failure`
+        with the options above (allow, history, workdir, verbose) when a call fails: the failing
+        call's index, its inputs ``(held state, *args)`` and its aux outputs (the metrics it
+        returned). For a caller that presents the failure its own way (``python -m nanlab.train``
+        numbers steps from a resumed run's start and writes its own report.json keys).
 
     Returns:
       A `GuardedStep`.
     """
     options = dict(donate_argnums=donate_argnums, static_argnums=static_argnums, check_every=check_every,
                    on_failure=on_failure, allow=allow, workdir=workdir, history=history, finite=finite,
-                   gate_kwarg=gate_kwarg, verbose=verbose)
+                   gate_kwarg=gate_kwarg, verbose=verbose, replay=replay)
     if fn is None:
         return lambda f: GuardedStep(f, **options)
     return GuardedStep(fn, **options)

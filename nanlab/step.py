@@ -16,7 +16,8 @@ parameter norm, the norm of the applied update, their ratio (big_vision's ``l2_p
 ``l2_updates``) and whether the new weights are finite. The loop runs it on the steps it logs
 only, so it costs nothing in between.
 
-When a step is non-finite and skipping is off, the returned state equals the input state, so the
+When a step is non-finite and skipping is off, the returned state equals the input state (the
+contract of `nanlab.guard.guard`'s ``gate_kwarg``, through which the train CLI guards it), so the
 loop can replay the exact failing step (same state, batch and dropout rng) through
 `nanlab.trace.localize`. With skipping on, `nanlab.optim.skip_nonfinite` inside `tx` turns the
 update into zeros and leaves the optimizer's inner state untouched; the step also keeps the old
@@ -40,7 +41,7 @@ from nanlab.numerics import finite_from_sq_norm, tree_norm, tree_sq_norm, tree_s
 
 __all__ = [
     "Batch", "LossFn", "StepStats", "TrainState", "activation_max_abs", "batch_accuracy", "create_train_state",
-    "find_skip_state", "make_batch_moments_fn", "make_eval_step", "make_loop_step", "make_train_step",
+    "find_skip_state", "guard_flag", "make_batch_moments_fn", "make_eval_step", "make_train_step",
     "recalibrated", "update_telemetry",
 ]
 
@@ -323,20 +324,10 @@ def make_train_step(
     return train_step
 
 
-def make_loop_step(train_step, *, skip_nonfinite: bool, donate: bool = True):
-    """The jitted step the loop runs: ``loop_step(state, batch, ok) -> (state, stats, ok)``.
-
-    `ok` turns False at the first non-finite step (without skipping) and freezes the state from
-    then on, so the host may look only at log intervals and still find the exact state before the
-    failure. The step gates its own update on `ok` (a lax.cond around the whole step doubled its
-    time on the cpu preset). Donates the state unless `donate` is False (jax_debug_nans re-runs a
-    failing call on its arguments, which must then still exist).
-    """
-    def loop_step(state, batch, ok):
-        new_state, stats = train_step(state, batch, ok)
-        return new_state, stats, ok & (stats.finite | skip_nonfinite)
-
-    return jax.jit(loop_step, donate_argnums=(0,) if donate else ())
+def guard_flag(outputs: tuple[TrainState, StepStats]) -> jax.Array:
+    """The flag `nanlab.guard.guard` takes from `make_train_step`'s outputs (``finite=``): the
+    step's own sentinel, `StepStats.finite`, which sees the gradients the output scan cannot."""
+    return outputs[1].finite
 
 
 def make_eval_step(model: nn.Module, loss_fn: LossFn) -> Callable[[TrainState, Batch, jax.Array], dict]:

@@ -4,11 +4,13 @@ The CLI is thin: flags -> `TrainConfig` (`nanlab.config.make_config`) -> `run(co
 Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 3 the run went
 non-finite (report.json written into the workdir).
 
-The loop: each step is one jitted call with donated state. The sentinel's flags stay on the device;
-the host reads them only at log intervals. A non-finite step freezes the state on the device (the
-step returns its input state, and every later step of the interval is a no-op), so at the next sync
-the loop holds exactly the state before the failing step: it replays that step un-jitted through
-`nanlab.trace.localize`, runs `nanlab.diagnose.diagnose`, prints both, writes report.json and exits 3.
+The loop: each step is one call of `nanlab.guard.guard(train_step)`, one jitted executable with
+donated state whose finite flag is the step's own sentinel (it sees the gradients) and whose gate is
+the step's own ``apply_update``. The flags stay on the device; the host reads the guard's carry only
+at log intervals. A non-finite step freezes the state on the device (the step returns its input
+state, and every later step of the interval is a no-op), so at the next sync the guard holds exactly
+the state before the failing step: it replays that step through `nanlab.trace.localize` and
+`nanlab.diagnose.diagnose`, the loop prints both, writes report.json and exits 3.
 On the steps it logs, the loop also runs `nanlab.step.update_telemetry` on a copy of the weights
 from before the step (parameter norm, update/param ratio); when that finds the new weights
 non-finite (an overflow inside the optimizer, which the step itself does not check), the failure
@@ -18,10 +20,10 @@ a checkpoint of the last finite state is saved, summary.json says `interrupted`,
 to resume, and the exit code is 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C aborts at once
 (checkpoints are atomic, so only complete ones remain). A corrupt newest checkpoint is skipped on
 --resume for the newest intact one, with one line saying which and why.
-With --skip-nonfinite the guard drops the update and the run goes on; the loop then reads the
-one-bool sentinel every step until the first event is recorded, so that event's replay starts from
-the state the event saw (parameters, BatchNorm and optimizer moments are untouched by a skipped
-step; only the step counter is rewound).
+With --skip-nonfinite the step's optax guard drops the update and the run goes on (the guard's
+"skip" mode); the loop then reads the guard's carry every step until the first event is reported,
+so that event's replay starts from the state the event saw (parameters, BatchNorm and optimizer
+moments are untouched by a skipped step; only the step counter is rewound).
 """
 
 from __future__ import annotations
@@ -267,39 +269,37 @@ def _evaluate(eval_fn, moments_fn, state, dataset, config, placer) -> dict[str, 
 
 
 def _report_nonfinite(*, workdir: Path, step: int, quantities: list[str], train_step, state, batch,
-                      history: list[dict], jax_error: str | None = None) -> dict[str, Any]:
-    """Replay the failing step through trace.localize, diagnose it, print and write report.json.
+                      history: list[dict], jax_error: str | None = None):
+    """Replay the failing step with the guard's replay (`nanlab.guard.replay_failure`: trace.localize,
+    then diagnose), print the report and the verdict, and write report.json in the CLI's keys.
 
     Returns:
-      The report.json payload.
+      The `nanlab.guard.NonFiniteError` (not raised), its payload the report.json contents.
     """
     import jax
 
-    from nanlab import diagnose, trace
+    from nanlab.guard import replay_failure
     from nanlab.runlog import write_json
 
-    host_state, host_batch = jax.device_get((state, batch))
     what = ", ".join(quantities) if quantities else "a value (jax_debug_nans/infs)"
     print(f"{PROG}: step {step} went non-finite: {what}; replaying it to localize the origin...", file=sys.stderr)
-    report = trace.localize(train_step, host_state, host_batch)
-    verdict = diagnose.diagnose(report, batch=host_batch, history=history)
+    # Host copies of the state and the batch (a sharded state is gathered once, here).
+    error = replay_failure(train_step, jax.device_get((state, batch)), step=step, history=history,
+                           verbose=False, what="step")
     print(f"\nnon-finite at step {step}: {what}")
     if jax_error:
         print(f"JAX: {jax_error.splitlines()[0]}")
-    print(report)
-    print(f"\nverdict: {verdict.cause}")
-    for line in verdict.evidence:
-        print(f"  - {line}")
-    print(f"fix: {verdict.fix}")
-    payload = {
+    print(error.report)
+    print(f"\n{error.verdict}")
+    error.payload = {
         "step": step,
         "nonfinite": quantities,
         "jax_error": jax_error,
-        "report": report.to_dict(),
-        "verdict": verdict.to_dict(),
+        "report": error.report.to_dict(),
+        "verdict": error.verdict.to_dict(),
     }
-    write_json(workdir / "report.json", payload)
-    return payload
+    write_json(workdir / "report.json", error.payload)
+    return error
 
 
 def _history_verdict(history: list[dict]) -> dict[str, Any] | None:
@@ -407,8 +407,7 @@ def _initial_state(config: config_lib.TrainConfig, parts: _Parts, checkpointer) 
 class _StepFns(NamedTuple):
     """The jitted functions the loop calls."""
 
-    train_step: Any  # the pure step, unjitted: what a failure replays through trace.localize
-    loop_step: Any  # (state, batch, ok) -> (state, stats, ok), donating the state
+    train_step: Any  # the pure step, unjitted: what the loop guards and a failure replays
     telemetry: Any  # update_telemetry(params_before, params_after)
     snapshot: Any  # a copy of the params (the step donates them)
     evaluate: Any  # eval step: (state, batch, mask) -> sums
@@ -430,8 +429,6 @@ def _step_fns(config: config_lib.TrainConfig, parts: _Parts) -> _StepFns:
                                           skip_nonfinite=config.skip_nonfinite, collect_stats=config.stats_every > 0)
     return _StepFns(
         train_step=train_step,
-        loop_step=step_lib.make_loop_step(train_step, skip_nonfinite=config.skip_nonfinite,
-                                          donate=not (config.debug_nans or config.debug_infs)),
         telemetry=jax.jit(step_lib.update_telemetry),
         snapshot=jax.jit(lambda params: jax.tree.map(jnp.copy, params)),  # one dispatch, not one per array
         evaluate=jax.jit(step_lib.make_eval_step(parts.model, parts.loss_fn)),
@@ -489,21 +486,34 @@ def _run(config: config_lib.TrainConfig) -> int:
 
 
 class _Loop:
-    """The training loop: steps, host syncs at log intervals, and the three ways a run fails.
+    """The training loop: one guarded step per batch, host syncs at log intervals, and the ways a run fails.
 
-    A run fails (exit 3, report.json written) when JAX's debug checks raise (`_fail_on_jax_error`)
-    or, without --skip-nonfinite, when a synced step was non-finite (`_fail_on_nonfinite`); with
-    --skip-nonfinite the first skipped step is localized and reported, and the run goes on
-    (`_report_first_skip`).
+    The step runs as `nanlab.guard.guard(train_step)`: one jitted executable with donated state, the
+    step's own sentinel flag (``finite=``) and its own gate (``gate_kwarg="apply_update"``). The
+    loop reads the guard's carry (`GuardedStep.check`) only where it writes a metrics row, before a
+    checkpoint and on a signal; with --skip-nonfinite also after every step until the first event.
+    A run fails (exit 3, report.json written) when JAX's debug checks raise (`_fail_on_jax_error`),
+    when the guard finds a non-finite step without --skip-nonfinite (the guard raises
+    `NonFiniteError` after `_replay`; `_fail_on_nonfinite`), or when a logged step's update made the
+    weights non-finite (`_fail_on_update_overflow`); with --skip-nonfinite the guard replays and
+    reports the first skipped step (`_replay`), and the run goes on.
     """
 
     def __init__(self, config, workdir, parts, fns, runlog, checkpointer, summary, start_step):
+        from nanlab import step as step_lib
+        from nanlab.guard import guard
+
         self.config, self.workdir, self.parts, self.fns = config, workdir, parts, fns
         self.runlog, self.checkpointer, self.summary = runlog, checkpointer, summary
         self.start_step = self.step = start_step
         self.first_event: dict[str, Any] | None = None
         self.interval = (time.perf_counter(), start_step)  # (wall time, step) of the last metrics row
         self.stop = StopOnSignal()  # the run's signal flag (installed around `run` by the caller)
+        debug = config.debug_nans or config.debug_infs
+        # Not donated under jax_debug_nans/infs: JAX re-runs a failing call on its arguments.
+        self.guarded = guard(fns.train_step, donate_argnums=() if debug else 0, check_every=config.log_every,
+                             on_failure="skip" if config.skip_nonfinite else "raise",
+                             finite=step_lib.guard_flag, gate_kwarg="apply_update", replay=self._replay)
 
     def batch_of(self, step: int):
         from nanlab import data as data_lib
@@ -514,54 +524,55 @@ class _Loop:
     def run(self, state) -> int:
         """Train from `self.step` to --steps; returns the exit code (0, or 3 after a failure)."""
         import jax
-        import jax.numpy as jnp
 
-        config, fns, placer = self.config, self.fns, self.parts.placer
-        ok = placer.state(jnp.bool_(True))
-        pending: list[tuple[int, Any, Any]] = []  # (step, its stats, its telemetry or None), on the device
+        from nanlab.guard import NonFiniteError
+
+        config, fns, placer, guarded = self.config, self.fns, self.parts.placer, self.guarded
         with jax.debug_nans(config.debug_nans), jax.debug_infs(config.debug_infs):
-            while self.step < config.steps:
-                if self.stop.requested:
-                    return self._interrupt(pending, state)
-                step = self.step
-                batch = placer.batch(self.batch_of(step))
-                with_stats = config.stats_every > 0 and (step + 1) % config.stats_every == 0
-                logged = _logs_after(step + 1, config) or with_stats  # a metrics row follows this step
-                # The weights before a logged step, for update_telemetry (the step donates them).
-                before = fns.snapshot(state.params) if logged else None
-                try:
-                    state, stats, ok = fns.loop_step(state, batch, ok)
-                except FloatingPointError as error:
-                    return self._fail_on_jax_error(step, state, error)
-                pending.append((step, stats, None if before is None else fns.telemetry(before, state.params)))
-                self.step = step = step + 1
-                watch_skips = config.skip_nonfinite and self.first_event is None
-                if not (logged or watch_skips):
-                    continue
-                host = jax.device_get([(s, t) for _, s, t in pending])
-                bad = _nonfinite_steps(pending, host, step, config.skip_nonfinite)
-                pending = []
-                if bad and not config.skip_nonfinite:
-                    return self._fail_on_nonfinite(bad[0], state)
-                if bad and self.first_event is None:
-                    self.first_event = self._report_first_skip(bad[0], state)
-                if logged:
-                    self._log(host[-1], state, with_stats)
+            try:
+                while self.step < config.steps:
+                    if self.stop.requested:
+                        return self._interrupt(state)
+                    step = self.step
+                    batch = placer.batch(self.batch_of(step))
+                    with_stats = config.stats_every > 0 and (step + 1) % config.stats_every == 0
+                    logged = _logs_after(step + 1, config) or with_stats  # a metrics row follows this step
+                    # The weights before a logged step, for update_telemetry (the step donates them).
+                    before = fns.snapshot(state.params) if logged else None
+                    try:
+                        state, stats = guarded(state, batch)
+                    except NonFiniteError:
+                        raise
+                    except FloatingPointError as error:  # jax_debug_nans/infs
+                        return self._fail_on_jax_error(step, state, batch, error)
+                    self.step = step = step + 1
+                    watch_skips = config.skip_nonfinite and self.first_event is None
+                    if not (logged or watch_skips):
+                        continue
+                    # The host sync: the guard reads its carry, and replays a failure among the calls
+                    # since the last read (raising, or with --skip-nonfinite reporting and going on).
+                    state, stats = guarded.check()
+                    if not logged:
+                        continue
+                    host = jax.device_get((stats, fns.telemetry(before, state.params)))
+                    if not config.skip_nonfinite and not bool(host[1]["updates_finite"]):
+                        return self._fail_on_update_overflow(state)
+                    self._log(host, state, with_stats)
+            except NonFiniteError as error:
+                return self._fail_on_nonfinite(error)
         return EXIT_OK
 
-    def _interrupt(self, pending, state) -> int:
+    def _interrupt(self, state) -> int:
         """SIGINT/SIGTERM at a step boundary: check the pending steps, checkpoint, say how to resume.
 
         No metrics row is written here: the rows stay those of an uninterrupted run, which the
-        resumed run continues exactly from the checkpoint.
+        resumed run continues exactly from the checkpoint. A non-finite pending step raises the
+        guard's `NonFiniteError` (handled by `run`).
         """
-        import jax
-
         config, step = self.config, self.step
-        host = jax.device_get([(s, t) for _, s, t in pending])
-        bad = _nonfinite_steps(pending, host, step, config.skip_nonfinite) if pending else []
-        if bad and not config.skip_nonfinite:
-            return self._fail_on_nonfinite(bad[0], state)
+        outputs = self.guarded.check()
+        if outputs is not None:
+            state = outputs[0]
         if step > self.start_step and step not in self.checkpointer.all_steps():
             self._save(step, state)
         self.summary.update(status="interrupted", interrupted_by=self.stop.name)
@@ -578,39 +589,57 @@ class _Loop:
         except CheckpointError as error:  # a full disk, say: stop with one line, earlier checkpoints intact
             raise BadInput(str(error)) from None
 
-    def _report(self, step: int, quantities: list[str], state, jax_error: str | None = None) -> dict[str, Any]:
+    def _report(self, step: int, quantities: list[str], state, batch, jax_error: str | None = None):
         return _report_nonfinite(workdir=self.workdir, step=step, quantities=quantities,
-                                 train_step=self.fns.train_step, state=state, batch=self.batch_of(step),
+                                 train_step=self.fns.train_step, state=state, batch=batch,
                                  history=self.runlog.rows, jax_error=jax_error)
 
-    def _fail_on_jax_error(self, step: int, state, error: FloatingPointError) -> int:
-        """--debug-nans/--debug-infs raised inside `step`: replay it, report, exit 3."""
+    def _replay(self, index: int, inputs: tuple, stats):
+        """The guard's `replay` hook: guarded call `index` went non-finite; report it as this run's step.
+
+        `inputs` holds the state the guard kept: without skipping, the failing step's input state
+        (the step froze); with --skip-nonfinite, its output, which differs from the input only by the
+        step counter (optax's skip guard dropped the update, the step kept BatchNorm's statistics).
+        """
+        import jax.numpy as jnp
+
+        step = self.start_step + index
+        state, batch = inputs
+        quantities = _nonfinite_quantities(stats)
+        if self.config.skip_nonfinite:
+            state = state.replace(step=jnp.asarray(step, jnp.int32))
+        else:
+            self.runlog.close()  # the run ends here: no progress bar under the report
+        error = self._report(step, quantities, state, batch)
+        if self.config.skip_nonfinite:
+            self.first_event = {"step": step, "nonfinite": quantities, "cause": error.verdict.cause}
+        return error
+
+    def _fail_on_jax_error(self, step: int, state, batch, error: FloatingPointError) -> int:
+        """--debug-nans/--debug-infs raised inside `step` (its state was not donated): replay it, report, exit 3."""
         self.runlog.close()
-        self._report(step, [], state, jax_error=str(error))
+        self._report(step, [], state, batch, jax_error=str(error))
         self.summary.update(status="non-finite", failed_step=step, jax_error=str(error).splitlines()[0])
         return EXIT_NONFINITE
 
-    def _fail_on_nonfinite(self, bad: tuple[int, Any], state) -> int:
-        """A synced step went non-finite (no skipping): the state froze before it; replay, report, exit 3."""
-        failed_step, failed_stats = bad
+    def _fail_on_nonfinite(self, error) -> int:
+        """The guard found a non-finite step (no skipping) and replayed it (`_replay`): exit 3."""
+        self._fail_summary(error.payload["step"], error.payload["nonfinite"])
+        return EXIT_NONFINITE
+
+    def _fail_on_update_overflow(self, state) -> int:
+        """A logged step's update made the weights non-finite (an overflow inside the optimizer, which the
+        step's sentinel does not check): the failure is the next step, the first to meet them."""
         self.runlog.close()
-        quantities = _nonfinite_quantities(failed_stats)
-        self._report(failed_step, quantities, state)
+        quantities = _nonfinite_quantities(None)
+        self._report(self.step, quantities, state, self.batch_of(self.step))
+        self._fail_summary(self.step, quantities)
+        return EXIT_NONFINITE
+
+    def _fail_summary(self, failed_step: int, quantities: list[str]) -> None:
         rows = self.runlog.rows
         self.summary.update(status="non-finite", failed_step=failed_step, nonfinite=quantities,
                             last_finite_loss=rows[-1]["loss"] if rows else None)
-        return EXIT_NONFINITE
-
-    def _report_first_skip(self, bad: tuple[int, Any], state) -> dict[str, Any]:
-        """The first step the guard skipped: replay it from the state it saw, report, go on."""
-        import jax.numpy as jnp
-
-        failed_step, failed_stats = bad
-        quantities = _nonfinite_quantities(failed_stats)
-        # A skipped step changed only the step counter (and the guard's counters).
-        pre_state = state.replace(step=jnp.asarray(failed_step, jnp.int32))
-        payload = self._report(failed_step, quantities, pre_state)
-        return {"step": failed_step, "nonfinite": quantities, "cause": payload["verdict"]["cause"]}
 
     def _log(self, last: tuple[Any, Any], state, with_stats: bool) -> None:
         """Write the metrics row of `self.step` (evaluating first when due); checkpoint when due."""
@@ -628,21 +657,6 @@ class _Loop:
         if _checkpoint_due(step, config):
             self._save(step, state)
         self.interval = (time.perf_counter(), step)
-
-
-def _nonfinite_steps(pending, host, step: int, skip_nonfinite: bool) -> list[tuple[int, Any]]:
-    """(step, host stats) of each pending step that went non-finite, in order.
-
-    Without skipping, finite stats whose last update made the weights non-finite (an overflow
-    inside the optimizer, seen by the logged step's telemetry) blame the next step, `step`, the
-    first to meet those weights; its stats are None.
-    """
-    bad = [(k, stats) for (k, _, _), (stats, _) in zip(pending, host) if not bool(stats.finite)]
-    last_telemetry = host[-1][1]
-    if (not bad and not skip_nonfinite and last_telemetry is not None
-            and not bool(last_telemetry["updates_finite"])):
-        bad = [(step, None)]
-    return bad
 
 
 def _complete_summary(summary: dict[str, Any], rows: list[dict], exit_code: int, loop: _Loop,

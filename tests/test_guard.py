@@ -99,6 +99,31 @@ def test_metrics_returned_by_the_step_become_the_history_for_diagnose():
     assert first_error(history=[]).verdict.cause == "unknown"
 
 
+def test_a_replay_hook_presents_the_failure_instead_of_the_default(tmp_path, capsys):
+    # What `python -m nanlab.train` does: the hook gets the failing call's index, its exact inputs
+    # and its metrics, and the guard raises the error the hook returns; nothing of its own is printed.
+    state, step = optax_setup()
+    batches = make_batches("forward")
+    expected = state_after(step, state, batches[:FAILING_CALL])
+    heard = []
+
+    def replay(index, inputs, aux):
+        heard.append((index, inputs, aux))
+        return NonFiniteError("a report", "a verdict", step=100 + index, inputs=inputs, payload={"mine": True})
+
+    error = run_guarded(step, state, batches, replay=replay, workdir=tmp_path / "run")
+    assert [index for index, _, _ in heard] == [FAILING_CALL]
+    _, inputs, aux = heard[0]
+    assert_same_tree(inputs[0], expected)
+    assert_same_tree(inputs[1], batches[FAILING_CALL])
+    assert np.isnan(aux["loss"])
+    assert error.step == 100 + FAILING_CALL and error.payload == {"mine": True}
+    assert not (tmp_path / "run").exists()  # the default replay (and its report.json) did not run
+    assert capsys.readouterr().out == ""
+    with pytest.raises(TypeError, match="replay must be a callable"):
+        guard(step, replay="yes")
+
+
 # ------------------------------------------------------------------------------- on_failure modes
 
 

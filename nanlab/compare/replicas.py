@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from nanlab.compare.chains import Chain, chain_thresholds, find_probe_state, make_lab_tx
+from nanlab.guard import gate
 from nanlab.step import TrainState, create_train_state, make_eval_step, make_train_step
 
 __all__ = [
@@ -119,11 +120,6 @@ def init_replica(problem: Problem, sample_x: jax.Array, replica: Replica) -> Rep
     )
 
 
-def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    """Leafwise `where` on a scalar predicate (no Python branch on a traced value)."""
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
 def replica_train_step(problem: Problem, thresholds: jax.Array) -> Callable:
     """nanlab.step's train step for one replica's clip thresholds (the guard is in the chain)."""
     return make_train_step(
@@ -145,7 +141,8 @@ def replicas_of(problem: Problem, pairs: Sequence[tuple[Chain, int]]) -> Replica
 def make_replica_step(problem: Problem) -> Callable[[Replica, ReplicaState, jax.Array, jax.Array], tuple]:
     """Builds the pure lab step `step(replica, state, xb, yb) -> (state, StepRecord)`.
 
-    It is nanlab.step's train step (with the guard in the chain) plus a mask: a replica that is
+    It is nanlab.step's train step (with the guard in the chain) plus a mask, `nanlab.guard.gate`
+    on the step's own finite flag (the flag `python -m nanlab.train` hands the guard): a replica that is
     not alive keeps its state; a non-finite step kills a replica without '+skip' (its state stays
     the one before the step), while a '+skip' replica takes the guarded step (zero update,
     moments and BatchNorm statistics untouched) and trains on. The runner vmaps this step over
@@ -164,7 +161,7 @@ def make_replica_step(problem: Problem) -> Callable[[Replica, ReplicaState, jax.
         probe = find_probe_state(new_train.opt_state)
         clip_active = stats.finite & probe.active
         commit = state.alive & (stats.finite | replica.skip)
-        new_state = ReplicaState(train=_select(commit, new_train, state.train), alive=commit)
+        new_state = ReplicaState(train=gate(commit, new_train, state.train), alive=commit)
         record = StepRecord(
             loss=stats.loss,
             accuracy=stats.accuracy,

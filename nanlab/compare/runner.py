@@ -3,8 +3,8 @@
 `train_group` vmaps the replica step over a leading replica axis (sharded over the local devices
 when `replica_mesh` allows), runs the steps in chunks (one `lax.scan` per chunk on GPU/TPU, one
 asynchronous call per step on a CPU), evaluates every final state and returns a `CellRun` per
-chain. `diagnose_first_failure` replays a cell's first dead seed through nanlab.trace and
-nanlab.diagnose.
+chain. `diagnose_first_failure` replays a cell's first dead seed with the guard's replay
+(`nanlab.guard.replay_failure`: nanlab.trace, then nanlab.diagnose).
 """
 
 from __future__ import annotations
@@ -344,10 +344,13 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
     """Localize and diagnose the first non-finite step of a cell's first seed that died.
 
     The seed's frozen state (`CellRun.final_states`, the state before its first non-finite
-    step) and that step's batch are replayed through `nanlab.trace.localize` with the replica's
-    own train step; `nanlab.diagnose.diagnose` names the cause from the report, the batch and the
-    seed's loss and grad-norm history. One seed per cell: replaying costs about as much as
-    compiling the step, and the seeds of a cell usually fail the same way.
+    step) and that step's batch are replayed by the guard's `nanlab.guard.replay_failure`
+    (`nanlab.trace.localize` with the replica's own train step, then `nanlab.diagnose.diagnose`,
+    which names the cause from the report, the batch and the seed's loss and grad-norm history).
+    The lab does not run the full `GuardedStep`: its replicas are vmapped in one program, each
+    with its own flag (`alive`), and a dead replica stops while the others train on. One seed per
+    cell: replaying costs about as much as compiling the step, and the seeds of a cell usually
+    fail the same way.
 
     Args:
       problem: the cell's group problem.
@@ -360,7 +363,7 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
       so the state before its first non-finite step is not kept); else a dict with seed, step,
       cause and origin (the trace's), verdict, evidence and fix (the diagnosis's).
     """
-    from nanlab import diagnose, trace
+    from nanlab.guard import replay_failure
 
     if run.final_states is None:
         raise ValueError("diagnose_first_failure needs the final states: train the cell with keep_states=True")
@@ -376,9 +379,10 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
     rows = batch_indices(data.x_train.shape[0], [step], problem.batch_size, seed)[0]
     batch = (data.x_train[rows], data.y_train[rows])
     train_step = replica_train_step(problem, jnp.asarray(chain_thresholds(chain, problem.structure)))
-    report = trace.localize(train_step, state.train, batch)
     history = [{"step": t, "loss": float(run.loss[t, i]), "grad_norm": float(run.grad_norm[t, i])} for t in range(step)]
-    verdict = diagnose.diagnose(report, batch=batch, history=history)
+    # The guard's replay (trace.localize, then diagnose), silent: the lab prints its own table.
+    error = replay_failure(train_step, (state.train, batch), step=step, history=history, verbose=False, what="step")
+    report, verdict = error.report, error.verdict
     return {
         "seed": seed,
         "step": step,
