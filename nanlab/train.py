@@ -281,7 +281,7 @@ def _report_nonfinite(*, workdir: Path, step: int, quantities: list[str], train_
     host_state, host_batch = jax.device_get((state, batch))
     what = ", ".join(quantities) if quantities else "a value (jax_debug_nans/infs)"
     print(f"{PROG}: step {step} went non-finite: {what}; replaying it to localize the origin...", file=sys.stderr)
-    report = trace.localize(train_step, host_state, host_batch)
+    report = trace.reproduce(train_step, host_state, host_batch)  # op by op, then the fallbacks
     verdict = diagnose.diagnose(report, batch=host_batch, history=history)
     print(f"\nnon-finite at step {step}: {what}")
     if jax_error:
