@@ -24,7 +24,9 @@ The guarded function is one jitted executable: the user's step ``f(state, *args)
 The host never waits for the call it has just dispatched: every ``check_every`` calls it starts an
 asynchronous copy of that call's carry and reads it one call later, while the next call runs. When
 the carry names a failed call, the guard replays that call exactly (the held state, the arguments
-it kept, the same rng inside them) through `nanlab.trace.localize`, runs `nanlab.diagnose.diagnose`
+it kept, the same rng inside them) through `nanlab.trace.reproduce` (op by op; when that finds
+nothing, compiled segments, then the CPU backend: the report's `replay` names the one that found it,
+or says that none did and what to try), runs `nanlab.diagnose.diagnose`
 (with the history of the metrics the step returned, or the rows passed as ``history=``), prints both,
 writes ``report.json`` into ``workdir`` and then, by ``on_failure``:
 
@@ -434,7 +436,10 @@ def replay_failure(fn: Callable, inputs: tuple, *, step: int, static_argnums: tu
                    allow: Any = None, history: Sequence[Mapping[str, Any]] | None = None,
                    workdir: str | Path | None = None, verbose: bool = True, what: str = "call",
                    extra: Mapping[str, Any] | None = None) -> NonFiniteError:
-    """Replay a failing call through `nanlab.trace.localize`, diagnose it, print both, write report.json.
+    """Replay a failing call through `nanlab.trace.reproduce`, diagnose it, print both, write report.json.
+
+    `reproduce` replays it op by op and, when that finds nothing, with compiled segments and then on
+    the CPU; the report names the replay that reproduced the failure, or says that none did.
 
     Args:
       fn: the pure step that failed.
@@ -457,8 +462,10 @@ def replay_failure(fn: Callable, inputs: tuple, *, step: int, static_argnums: tu
     if verbose:
         print(f"nanlab.guard: {what} {step} of {name} went non-finite; replaying it to localize the "
               "origin...", file=sys.stderr)
-    report = trace.localize(_with_statics(fn, inputs, static_argnums), *_dynamic(inputs, static_argnums),
-                            allow=allow)
+    # The call was non-finite: when the op-by-op replay finds nothing, `reproduce` tries compiled
+    # segments, then the CPU (the report's `replay` names the replay that found it).
+    report = trace.reproduce(_with_statics(fn, inputs, static_argnums), *_dynamic(inputs, static_argnums),
+                             allow=allow)
     args = _dynamic(inputs, static_argnums)[1:]
     batch = args[0] if len(args) == 1 else args
     verdict = diagnose.diagnose(report, batch=jax.device_get(batch), history=list(history or ()))

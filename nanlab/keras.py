@@ -15,7 +15,7 @@ over the new weights, optimizer variables, metrics and logs, and a gate that kee
 from before the batch when the batch is non-finite. Keras's JAX trainer donates the state to each
 step, so references to the old weights would be deleted arrays; the gate keeps them instead, in
 place, with no copy. At the end of the batch whose flag is down, the callback replays that batch
-through `model.train_step` with those weights via `nanlab.trace.localize` (the report names the
+through `model.train_step` with those weights via `nanlab.trace.reproduce` (the report names the
 Keras layer), runs `nanlab.diagnose`, prints both, writes report.json into ``workdir`` and stops
 training. Keras then writes the state back into the model: the model keeps the finite weights
 from before the failing batch (TerminateOnNaN leaves the NaN ones).

@@ -270,7 +270,7 @@ def _evaluate(eval_fn, moments_fn, state, dataset, config, placer) -> dict[str, 
 
 def _report_nonfinite(*, workdir: Path, step: int, quantities: list[str], train_step, state, batch,
                       history: list[dict], jax_error: str | None = None):
-    """Replay the failing step with the guard's replay (`nanlab.guard.replay_failure`: trace.localize,
+    """Replay the failing step with the guard's replay (`nanlab.guard.replay_failure`: trace.reproduce,
     then diagnose), print the report and the verdict, and write report.json in the CLI's keys.
 
     Returns:

@@ -367,7 +367,7 @@ def test_to_dict_is_strict_json_with_the_documented_keys():
                       jnp.array([0.0, 1.0]))
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert set(d) == {"found", "cause", "origin", "first_nan", "bad_inputs", "events", "num_events",
-                      "num_equations", "seconds"}
+                      "num_equations", "seconds", "replay", "replays", "advice"}
     assert set(d["origin"]) == {"index", "primitive", "module", "phase", "source", "kind", "cause", "root",
                                 "iterations", "forward_primitive", "forward_source", "inputs", "outputs"}
     assert set(d["origin"]["inputs"][0]) == {"shape", "dtype", "min", "max", "nan", "posinf", "neginf",

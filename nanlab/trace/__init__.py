@@ -21,7 +21,10 @@ Vocabulary of a `Report` (and of `Report.to_dict()`, JSON; other tools read thes
 | `events`       | list of events: every root and the first `max_events` non-finite equations, in evaluation order. A NaN or Inf computed from constants only is folded (not an event) unless it reaches an output of `fn`; then the equation that made it is a root with cause 'non-finite-constant' (a `cond` branch or `jit` body returning `jnp.nan` is named by that `cond`/`jit`) |
 | `num_events`   | int: all equations with a non-finite output, recorded or not |
 | `num_equations`| int: equations evaluated (loop bodies count once per iteration) |
-| `seconds`      | float: wall time of the localization |
+| `seconds`      | float: wall time of the localization (of every replay tried, for `reproduce`) |
+| `replay`       | the replay that found it: 'op-by-op' (the default: each event's equation bound alone), 'compiled-segments' (the values of runs of equations compiled together, as XLA optimizes them), 'cpu-op-by-op' (op by op on the CPU backend, `reproduce` only); `null` when nothing was found |
+| `replays`      | list, in order, of the replays tried (`{'name', 'found', 'seconds'}`) or skipped (`{'name', 'skipped': why}`); one entry for `localize` |
+| `advice`       | list of str: what to try when `reproduce` replayed a call known to be non-finite and no replay found it (jax_debug_nans, XLA flags that turn fast math off, a deterministic mode); else empty |
 
 Each event is a dict with keys: `index` (evaluation order), `primitive` (JAX's name), `module` (the Flax
 module path from the name stack, '' at top level), `phase` ('forward': the function's primal
@@ -42,7 +45,14 @@ The allow-list (`allow=`) takes a glob pattern over module paths (or a list of t
 `event -> bool`; an allowed event, and any later event whose non-finite inputs all came from allowed
 events, is not reported (intentional -inf attention masks).
 
-Layout: this module holds `localize` and re-exports the public names; `_jax` is the JAX adapter,
+`reproduce(fn, *args)` is `localize` for a call known to have gone non-finite (what the guard and
+the train CLI call): a jitted step runs as XLA's optimized program (fusion, rewrites, fast math,
+another reduction order), so when the op-by-op replay finds nothing it tries the compiled-segment
+replay on the same device, then the op-by-op replay on the CPU backend with the arguments copied
+there (skipped when they already are on the CPU: that would be the first replay again); when none
+finds it, `str(report)` says so plainly with what to try (`advice`).
+
+Layout: this module holds `localize` and re-exports the public names; `_reproduce` holds `reproduce`; `_jax` is the JAX adapter,
 `_causes` the cause rules (keyed by primitive), `_policy` the event policy both evaluators share,
 `_interpreter` the eager evaluator and `_compiled` the compiled-segment one, `_events` builds an
 event from an equation's values, `_analysis` is the static analysis of a jaxpr, `_report` the
@@ -51,6 +61,7 @@ report types, `_values` what the evaluators carry per value.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import time
@@ -67,7 +78,9 @@ from nanlab.trace._policy import EventPolicy
 from nanlab.trace._report import Event, Report, summarize
 from nanlab.trace._values import _Context, _finite, _has_nan, _Value
 
-__all__ = ["CAUSES", "Event", "Report", "classify", "localize", "summarize"]
+__all__ = ["CAUSES", "Event", "Report", "classify", "localize", "reproduce", "summarize"]
+
+LOCALIZE_REPLAYS = ("op-by-op", "compiled-segments")  # `localize(replay=...)`; `reproduce` adds cpu-op-by-op
 
 
 # Compiling costs per program: one eager primitive costs about five kernels of a compiled segment
@@ -92,7 +105,8 @@ def _allow_predicate(allow: Any) -> Callable[[Event], bool] | None:
 
 
 def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: int = 8,
-             segment_size: int | str = "auto", **kwargs: Any) -> Report:
+             segment_size: int | str = "auto", replay: str = "op-by-op", device: Any = None,
+             **kwargs: Any) -> Report:
     """Replay `fn(*args, **kwargs)` equation by equation and report the first NaN or Inf.
 
     Args:
@@ -109,6 +123,15 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
         parameters, shapes), which repeated layers share. "auto" (the default) picks 0 when
         distinct equations are under `_AUTO_UNIQUE_FRACTION` of all (deep networks of repeated
         blocks: InceptionV3's train step has ~1,300 distinct among ~10,400), else 128.
+      replay: "op-by-op" (the default): every equation whose output is non-finite is bound alone to
+        build its event, so compiled segments only speed up the stretches that stay finite.
+        "compiled-segments": a segment whose flags show an event is walked with every equation's
+        outputs taken from one compiled run of that segment (XLA's optimized program, fused and
+        rewritten as in a jitted step), so a NaN that only the compiled program makes is reported;
+        `segment_size` must then not be 0 ("auto" gives 128). A function holding shard_map or pmap
+        is always replayed op by op (the report's `replays` then names "op-by-op").
+      device: replay on this device (e.g. `jax.devices("cpu")[0]`): the arguments and the traced
+        function's constants are copied there first. None: where the arguments are.
       **kwargs: closed over as static (not traced), e.g. `train=True`.
 
     Returns:
@@ -123,8 +146,23 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
         raise ValueError(f"max_events must be a non-negative int, got {max_events!r}")
     if segment_size != "auto" and (not isinstance(segment_size, int) or segment_size < 0):
         raise ValueError(f"segment_size must be 'auto' or a non-negative int, got {segment_size!r}")
+    if replay not in LOCALIZE_REPLAYS:
+        raise ValueError(f"replay must be one of {LOCALIZE_REPLAYS}, got {replay!r}")
+    if replay == "compiled-segments" and segment_size == 0:
+        raise ValueError("the compiled-segments replay needs segment_size > 0 (or 'auto')")
     predicate = _allow_predicate(allow)
     start = time.perf_counter()
+    with jax.default_device(device) if device is not None else contextlib.nullcontext():
+        report = _localize(fn, args, kwargs, predicate, max_events, segment_size, replay, device, start)
+    report.replay = report.replays[0]["name"] if report.found else None
+    return report
+
+
+def _localize(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], predicate: Any, max_events: int,
+              segment_size: int | str, replay: str, device: Any, start: float) -> Report:
+    """`localize` once its options are checked (under `jax.default_device(device)` when one is given)."""
+    if device is not None:
+        args = jax.device_put(args, device)
 
     def target(*positional: Any) -> Any:
         # A fresh function object per call: JAX caches traces by function, and a trace cached
@@ -133,15 +171,21 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
 
     with _frameworks.module_scopes():  # NNX and Equinox submodule calls push their paths
         jaxpr, consts = _jax.open_jaxpr(jax.make_jaxpr(target)(*args))
+    if device is not None:
+        consts = [jax.device_put(c, device) if isinstance(c, jax.Array) else c for c in consts]
     leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(args)
     meshes = _jax.shard_map_meshes(jaxpr)
     if meshes:
         # Replayed eagerly, all shards at once (see `_Interpreter._shard_map`).
         segment_size = 0
+        replay = "op-by-op"
+    elif segment_size == "auto" and replay == "compiled-segments":
+        segment_size = _AUTO_SEGMENT_SIZE
     elif segment_size == "auto":
         leaves, unique = _signature_counts(jaxpr)
         segment_size = 0 if unique < _AUTO_UNIQUE_FRACTION * leaves else _AUTO_SEGMENT_SIZE
-    interp = _Interpreter(EventPolicy(predicate, max_events), segment_size)
+    interp = _Interpreter(EventPolicy(predicate, max_events), segment_size,
+                          compiled_values=replay == "compiled-segments")
     inputs: list[_Value] = []
     bad_inputs: list[str] = []
     input_roots: dict[int, str] = {}
@@ -161,4 +205,9 @@ def localize(fn: Callable[..., Any], *args: Any, allow: Any = None, max_events: 
     finally:
         for cache in (_cached_live, _last_use, _leaf_count, _segments):
             cache.cache_clear()  # the keys hold this function's jaxprs alive
-    return interp.policy.report(outs, input_roots, bad_inputs, interp.counter, start)
+    report = interp.policy.report(outs, input_roots, bad_inputs, interp.counter, start)
+    report.replays = [{"name": replay, "found": report.found, "seconds": report.seconds}]
+    return report
+
+
+from nanlab.trace._reproduce import reproduce  # noqa: E402  (it calls `localize`, defined above)

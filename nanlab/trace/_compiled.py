@@ -4,7 +4,10 @@ A run of equations (`_analysis._segments`) is traced once into a jitted function
 outputs and one finite flag per floating output of every leaf equation inside. Provenance follows
 from the flags alone (`_commit`), with the same `EventPolicy` as eager replay; where the policy
 needs an event's operand values, the run splits there and the eager evaluator replays the
-equations around it.
+equations around it. With `compiled_values` (the "compiled-segments" replay) the eager evaluator
+instead walks the whole segment again with every equation's outputs taken from one compiled run of
+that segment, so an event that only XLA's optimized program produces (a rewrite, a fusion, a
+different reduction order) is reported with the values that program computed.
 """
 
 from __future__ import annotations
@@ -50,11 +53,13 @@ class _SegmentTracer:
     slots: int  # the next value slot (the segment's inputs take the first ones)
     flags: list[Any] = dataclasses.field(default_factory=list)
     top: int = 0  # the segment's top-level equation being traced
+    outputs: list[list[Any]] = dataclasses.field(default_factory=list)  # every leaf's outputs, in order
 
     def leaf(self, eqn: Any, invals: list[_Value], elements: tuple[Any, ...], phase: str, frames: tuple,
              grad_in: bool) -> list[_Value]:
         """Bind, and record the outputs' finite flags as extra results of the segment."""
         outs = _jax.bind(eqn, [a.value for a in invals])
+        self.outputs.append(outs)
         grad_out = grad_in or phase in ("backward", "update")
         const = all(a.const for a in invals)
         values, n_flags, float_slots = [], 0, []
@@ -97,6 +102,9 @@ class SegmentEvaluator:
             k = self._jit(jaxpr, start, end, env, ctx, live)
             if k == end:
                 return
+            if self.eager.compiled_values:
+                self._replay_compiled(jaxpr, start, end, env, ctx, live)
+                return
             # Flags are deterministic, so the prefix before the event commits; then equations run
             # eagerly while they keep producing recorded events (after a first NaN, the next few
             # equations usually all do), and compiled segments resume for the rest.
@@ -123,6 +131,39 @@ class SegmentEvaluator:
           `end` when the segment's results were committed to `env`; else the index of the first
           equation whose event needs operand values (nothing committed).
         """
+        compiled, records, out_meta, in_vars, out_vars = self._program(jaxpr, start, end, env, ctx, live)
+        outs, flags = compiled(*[env[v].value for v in in_vars])
+        slot_prov = self._commit(records, np.asarray(flags), [env[v].prov for v in in_vars])
+        if isinstance(slot_prov, int):
+            return slot_prov
+        for v, x, (slot, grad, const) in zip(out_vars, outs, out_meta):
+            env[v] = _Value(x, slot_prov.get(slot) if slot is not None else None, grad, const=const)
+        return end
+
+    def _replay_compiled(self, jaxpr: jcore.Jaxpr, start: int, end: int, env: dict[Any, _Value],
+                         ctx: _Context, live: list[tuple[bool, ...]]) -> None:
+        """Replay eqns[start:end] eagerly with each leaf's outputs taken from one compiled run.
+
+        The program is the segment's own (the same equations jitted together, so XLA rewrites and
+        fuses them as in the flags run) with every leaf equation's outputs as extra results; the
+        eager evaluator then walks the same equations in the same order, reading those outputs
+        instead of binding, and so records events, provenance and operand summaries as usual.
+        """
+        compiled, _, _, in_vars, _ = self._program(jaxpr, start, end, env, ctx, live, export=True)
+        _, _, leaf_outputs = compiled(*[env[v].value for v in in_vars])
+        self.eager.oracle = iter(leaf_outputs)
+        try:
+            self.eager.eager_range(jaxpr, start, end, env, ctx, live)
+            if next(self.eager.oracle, None) is not None:
+                raise RuntimeError("nanlab.trace: a compiled segment recorded more leaf equations than "
+                                   "its eager walk evaluated")
+        finally:
+            self.eager.oracle = None
+
+    def _program(self, jaxpr: jcore.Jaxpr, start: int, end: int, env: dict[Any, _Value], ctx: _Context,
+                 live: list[tuple[bool, ...]], export: bool = False) -> tuple[Callable, list[_Record],
+                                                                              list[tuple], list, list]:
+        """The compiled program of eqns[start:end] (cached), with its input and output variables."""
         eqns = jaxpr.eqns[start:end]
         defined = {v for e in eqns for v in e.outvars if not isinstance(v, jcore.DropVar)}
         in_vars: list[Any] = []
@@ -133,29 +174,23 @@ class SegmentEvaluator:
         later = {v for e in jaxpr.eqns[end:] for v in e.invars if isinstance(v, jcore.Var)}
         later.update(v for v in jaxpr.outvars if isinstance(v, jcore.Var))
         out_vars = [v for v in defined if v in later]
-        in_values = [env[v].value for v in in_vars]
         key = (id(jaxpr), start, end, tuple(live[start:end]), ctx.phase, ctx.frames,
                tuple((type(e), e.name) for e in ctx.stack),
-               tuple((_aval_key(x), env[v].grad, env[v].const) for v, x in zip(in_vars, in_values)))
+               tuple((_aval_key(env[v].value), env[v].grad, env[v].const) for v in in_vars), export)
         cached = self.cache.get(key)
         if cached is None:
-            cached = self._compile(jaxpr, start, end, env, ctx, live, in_vars, out_vars)
+            cached = self._compile(jaxpr, start, end, env, ctx, live, in_vars, out_vars, export)
             self.cache[key] = cached
-        compiled, records, out_meta = cached
-        outs, flags = compiled(*in_values)
-        slot_prov = self._commit(records, np.asarray(flags), [env[v].prov for v in in_vars])
-        if isinstance(slot_prov, int):
-            return slot_prov
-        for v, x, (slot, grad, const) in zip(out_vars, outs, out_meta):
-            env[v] = _Value(x, slot_prov.get(slot) if slot is not None else None, grad, const=const)
-        return end
+        return (*cached, in_vars, out_vars)
 
     def _compile(self, jaxpr: jcore.Jaxpr, start: int, end: int, env: dict[Any, _Value],
                  ctx: _Context, live: list[tuple[bool, ...]], in_vars: list[Any],
-                 out_vars: list[Any]) -> tuple[Callable, list[_Record], list[tuple]]:
+                 out_vars: list[Any], export: bool) -> tuple[Callable, list[_Record], list[tuple]]:
         """Trace eqns[start:end] into a jitted function; its records and output metadata come along.
 
-        Cached by the caller, so a loop body's segment compiles once, not once per iteration.
+        The function returns (outputs, flags), and with `export` also every leaf equation's outputs
+        in evaluation order. Cached by `_program`, so a loop body's segment compiles once, not once
+        per iteration.
         """
         records: list[_Record] = []
         out_meta: list[tuple[int | None, bool, bool]] = []
@@ -172,6 +207,8 @@ class SegmentEvaluator:
                 self.eager.eager_range(jaxpr, i, i + 1, senv, sctx, live)
             out_meta.extend((senv[v].slot, senv[v].grad, senv[v].const) for v in out_vars)
             stacked = jnp.stack(tracer.flags) if tracer.flags else jnp.zeros((0,), bool)
+            if export:
+                return [senv[v].value for v in out_vars], stacked, tracer.outputs
             return [senv[v].value for v in out_vars], stacked
 
         # Records and out_meta fill when jit traces `segment` (at its first call); a retrace refills

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,12 +26,16 @@ class _Interpreter:
 
     `run` hands runs of equations that `_analysis._segments` marks jittable to the compiled-segment
     evaluator (`self.segments`), which comes back here for the equations whose events need values,
-    and traces its segments through `eqn` with a `_SegmentTracer` in the context.
+    and traces its segments through `eqn` with a `_SegmentTracer` in the context. With
+    `compiled_values`, a segment whose flags show an event is walked here again with each leaf's
+    outputs read from `oracle` (that segment's compiled results, in evaluation order), not bound.
     """
 
-    def __init__(self, policy: EventPolicy, segment_size: int):
+    def __init__(self, policy: EventPolicy, segment_size: int, compiled_values: bool = False):
         self.policy = policy
         self.segment_size = segment_size
+        self.compiled_values = compiled_values
+        self.oracle: Iterator[list[Any]] | None = None
         self.mesh: Any = None  # the mesh of the function's shard_maps, a context outside their bodies
         self.counter = 0
         self.forward = ForwardIndex()  # forward equations by user frames, for backward events
@@ -51,7 +55,9 @@ class _Interpreter:
         ref = _JaxprKey(jaxpr)
         live = _cached_live(ref, tuple(bool(f) for f in out_live), in_transpose)
         last_use = _last_use(ref)
-        if ctx.segment is not None or ctx.shard is not None:  # inline everything / shards: eager
+        if ctx.segment is not None or ctx.shard is not None or self.oracle is not None:
+            # Inline everything: traced into a segment, all shards at once, or read from the oracle
+            # (the leaves in the order the segment traced them).
             self.eager_range(jaxpr, 0, len(jaxpr.eqns), env, ctx, live)
             return [self._read(env, v) for v in jaxpr.outvars]
         for start, end, jittable in _segments(_JaxprKey(jaxpr), self.segment_size):
@@ -191,7 +197,9 @@ class _Interpreter:
     def _leaf(self, eqn: Any, invals: list[_Value], ctx: _Context, elements: tuple[Any, ...], phase: str,
               frames: tuple, grad_in: bool) -> list[_Value]:
         self.counter += 1
-        if ctx.shard is None:
+        if self.oracle is not None:
+            outs = list(next(self.oracle))  # the compiled segment's values (see `compiled_values`)
+        elif ctx.shard is None:
             with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
                 outs = _eager.evaluate(eqn, [a.value for a in invals])
         else:

@@ -116,6 +116,9 @@ class Report:
     num_events: int
     num_equations: int
     seconds: float
+    replay: str | None = None  # the replay that found it: 'op-by-op', 'compiled-segments', 'cpu-op-by-op'
+    replays: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    advice: list[str] = dataclasses.field(default_factory=list)  # set when no replay reproduced a failure
 
     def to_dict(self) -> dict[str, Any]:
         """The report as a JSON-serializable dict (documented keys)."""
@@ -129,15 +132,25 @@ class Report:
             "num_events": self.num_events,
             "num_equations": self.num_equations,
             "seconds": self.seconds,
+            "replay": self.replay,
+            "replays": [dict(r) for r in self.replays],
+            "advice": list(self.advice),
         }
 
     def __str__(self) -> str:
+        if not self.found and self.advice:
+            lines = [f"nanlab.trace: the call went non-finite, but no replay reproduced it "
+                     f"({self.seconds:.1f} s): {_format_replays(self.replays)}",
+                     "what to try:"]
+            return "\n".join(lines + [f"  - {line}" for line in self.advice])
         if not self.found:
             return (f"nanlab.trace: no NaN or Inf in {self.num_equations} equations "
                     f"({self.seconds:.1f} s)")
         lines = [f"nanlab.trace: non-finite values in {self.num_events} of {self.num_equations} "
                  f"equations ({self.seconds:.1f} s)",
                  f"cause: {self.cause} — {CAUSES.get(self.cause, '')}"]
+        if len(self.replays) > 1:
+            lines.append(f"reproduced by the {self.replay} replay: {_format_replays(self.replays)}")
         if self.bad_inputs:
             lines.append("non-finite on entry: " + ", ".join(self.bad_inputs))
         for title, event in (("origin", self.origin), ("first NaN", self.first_nan)):
@@ -153,6 +166,17 @@ class Report:
             for i, s in enumerate(event.outputs):
                 lines.append(f"  output {i}: {_format_summary(s)}")
         return "\n".join(lines)
+
+
+def _format_replays(replays: list[dict[str, Any]]) -> str:
+    """The replays tried, one clause each: 'op-by-op found nothing; compiled-segments found it'."""
+    clauses = []
+    for r in replays:
+        if "skipped" in r:
+            clauses.append(f"{r['name']} skipped ({r['skipped']})")
+        else:
+            clauses.append(f"{r['name']} {'found it' if r['found'] else 'found nothing'}")
+    return "; ".join(clauses)
 
 
 def _format_frame(frame: tuple[str, int, str] | None) -> str:
