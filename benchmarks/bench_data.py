@@ -5,6 +5,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_data.py                 # 96 images per format, workers 1..cores
     .venv/bin/python benchmarks/bench_data.py --quick         # a smoke check (~1 minute)
     .venv/bin/python benchmarks/bench_data.py --no-train-step # skip compiling the model
+    .venv/bin/python benchmarks/bench_data.py --quick --feed-only  # host batch vs device step only
 
 One invocation:
 
@@ -19,6 +20,13 @@ One invocation:
 4. the consumer: the cpu preset's train step (`nanlab.config.TrainConfig()`'s model, image size
    and batch; Adam; uint8 batches normalized inside the jitted step), images/s over
    `--train-steps` steps after compilation.
+
+5. feeding the device: the train CLI's own feed (`nanlab.train`'s `_Feed`, a streamed JPEG folder)
+   and loop step on one run: host batch time (the next decoded batch, `--feed-workers`
+   processes; 0 = decoded in this process) vs device step time (placed batch, step blocked), and
+   the loop's time per step without prefetch and with `--prefetch` 2 (the batch of step s+1
+   prepared and placed while step s runs: per step about max(host, device) instead of their sum).
+   `--quick` uses small_cnn here (seconds to compile), otherwise the cpu preset's model.
 
 It prints a markdown report: per-worker rates, the scaling, the train step's rate, whether one
 worker keeps up, and the projection for a 16-core host (per-worker rate x 16, assuming linear
@@ -141,6 +149,56 @@ def train_step_rate(steps: int) -> tuple[float, float, dict]:
     return config.batch_size / statistics.median(times), compile_s, settings
 
 
+def feed_vs_step(spec: Path, model: str, batch: int, steps: int, workers: int) -> dict[str, float]:
+    """Host batch time vs device step time of the train CLI's feed and loop step, in one process,
+    and the loop's time per step with prefetch depth 0 and 2 (milliseconds, medians / means)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nanlab import config as config_lib
+    from nanlab import train
+    from nanlab.prefetch import Prefetcher
+
+    config = config_lib.make_config({"data": str(spec), "model": model, "batch_size": batch, "steps": steps + 1,
+                                     "data_workers": workers, "stats_every": 0, "progress": False,
+                                     "plots": False}, backend="cpu")
+    pipeline = train._open_stream(config)
+    parts = train._build_parts(config, pipeline)
+    fns = train._step_fns(config, parts)
+    state = parts.placer.state(parts.init(parts.sample_x))
+    ok = parts.placer.state(jnp.bool_(True))
+    out: dict[str, float] = {}
+    with pipeline.batches(0) as stream:
+        next(stream)  # worker start-up is not batch time
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            next(stream)
+            times.append(time.perf_counter() - start)
+    out["host_batch_ms"] = 1e3 * statistics.median(times)
+    batch0 = parts.feed.batch_of(0)
+    state, stats, ok = fns.loop_step(state, batch0, ok)  # compiles
+    jax.block_until_ready(stats)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, stats, ok = fns.loop_step(state, batch0, ok)
+        jax.block_until_ready(stats)
+        times.append(time.perf_counter() - start)
+    out["device_step_ms"] = 1e3 * statistics.median(times)
+    for depth in (0, 2):
+        with pipeline.batches(0) as stream, \
+                Prefetcher((next(stream) for _ in range(steps + 1)), parts.feed.place, depth) as batches:
+            state, stats, ok = fns.loop_step(state, next(batches), ok)  # worker start-up excluded
+            jax.block_until_ready(stats)
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, stats, ok = fns.loop_step(state, next(batches), ok)
+            jax.block_until_ready(stats)
+            out[f"loop_step_ms_prefetch_{depth}"] = 1e3 * (time.perf_counter() - start) / steps
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=96, help="images per format (default 96)")
@@ -151,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=12, help="batches timed per scaling run (batch 16)")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--no-train-step", action="store_true", help="skip the model (no compilation)")
-    parser.add_argument("--quick", action="store_true", help="32 images, 1 round, 4 batches, 5 steps")
+    parser.add_argument("--feed-workers", type=int, default=0,
+                        help="decode processes in the feed section (default 0: decoded in this process)")
+    parser.add_argument("--feed-only", action="store_true", help="run only the feed section (5.)")
+    parser.add_argument("--quick", action="store_true",
+                        help="32 images, 1 round, 4 batches, 5 steps; small_cnn in the feed section")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.rounds, args.batches, args.train_steps = 32, 1, 4, 5
@@ -167,12 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="nanlab-bench-data-"))
     try:
         folders, records = {}, {}
-        for fmt in ("jpeg", "png"):
+        for fmt in ("jpeg",) if args.feed_only else ("jpeg", "png"):
             folders[fmt] = write_folder(work / fmt, fmt, args.images, (width, height))
             records[fmt] = work / f"{fmt}.array_record"
             streaming.convert_folder(folders[fmt], records[fmt])
             mean_kib = sum(p.stat().st_size for p in folders[fmt].rglob("*.*")) / args.images / 1024
             print(f"- {fmt}: {mean_kib:.0f} KiB per file")
+        if not args.no_train_step:
+            model = "small_cnn" if args.quick else "inception_v3"
+            steps = 8 if args.quick else args.train_steps
+            feed = feed_vs_step(folders["jpeg"], model, 16, steps, args.feed_workers)
+            print(f"\n## Feeding the device: {model}, JPEG folder at 75, batch 16, {args.feed_workers} decode "
+                  f"worker(s), {steps} steps\n")
+            print("| host batch (ms) | device step (ms) | loop step, no prefetch (ms) | loop step, prefetch 2 (ms) |")
+            print("| ---: | ---: | ---: | ---: |")
+            print(f"| {feed['host_batch_ms']:.1f} | {feed['device_step_ms']:.1f} | "
+                  f"{feed['loop_step_ms_prefetch_0']:.1f} | {feed['loop_step_ms_prefetch_2']:.1f} |")
+        if args.feed_only:
+            return 0
         print("\n## Per worker: decode + resize, one process, one thread (images/s)\n")
         print("| format | size | folder | ArrayRecord |")
         print("| --- | ---: | ---: | ---: |")

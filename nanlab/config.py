@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 __all__ = [
     "BUILTIN_DATA", "BadInput", "DTYPES", "HIDDEN_ACTIVATIONS", "INCEPTION_V3_BLOCKS", "LOSSES", "MIN_IMAGE_SIZE",
-    "MODELS", "NORMALIZE_MODES", "OPTIMIZERS", "PRESETS", "PRESET_OVERRIDES", "SCENARIOS", "SCHEDULES",
+    "MODELS", "NORMALIZE_MODES", "ON_BAD_IMAGE", "OPTIMIZERS", "PRESETS", "PRESET_OVERRIDES", "SCENARIOS", "SCHEDULES",
     "TrainConfig", "default_preset", "describe_scenarios", "make_config", "validate",
 ]
 
@@ -27,6 +27,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "rmsprop")
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 NORMALIZE_MODES = ("none", "unit", "standardize")
 BUILTIN_DATA = ("builtin", "builtin-multilabel")  # generated in memory; anything else is a path
+ON_BAD_IMAGE = ("error", "skip")  # what a streamed run does with an unreadable image (--on-bad-image)
 DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh")
 MODELS = ("inception_v3", "small_cnn")
@@ -69,6 +70,11 @@ class TrainConfig:
     num_val: int = 512
     normalize: str = "standardize"
     input_scale: float = 1.0  # multiplies the raw pixels before normalization (unscaled-inputs)
+    # Streamed data (a folder, .npz or .array_record): decode processes (None: one per core but
+    # one, nanlab.streaming.default_workers) and the policy for an unreadable image.
+    data_workers: int | None = None
+    on_bad_image: str = "error"
+    prefetch: int = 2  # batches placed on the devices ahead of the running step; 0: none
     # Model.
     model: str = "inception_v3"  # small_cnn: a 3-conv net that compiles in seconds (quick checks, tests)
     width_multiplier: float = 0.25
@@ -245,13 +251,20 @@ def validate(config: TrainConfig) -> None:
     _check_choice("hidden_activation", config.hidden_activation, HIDDEN_ACTIVATIONS)
     _check_choice("loss", config.loss, LOSSES)
     _check_choice("model", config.model, MODELS)
+    _check_choice("on_bad_image", config.on_bad_image, ON_BAD_IMAGE)
     for name in ("steps", "batch_size", "num_train", "num_val", "log_every", "keep_checkpoints"):
         _check_positive(name, getattr(config, name))
     for name in ("lr", "width_multiplier", "input_scale"):
         _check_positive(name, getattr(config, name))
     for name in ("weight_decay", "warmup_steps", "eval_every", "stats_every", "checkpoint_every",
-                 "bn_recalibration_batches"):
+                 "bn_recalibration_batches", "prefetch"):
         _check_non_negative(name, getattr(config, name))
+    if config.data_workers is not None:
+        _check_non_negative("data_workers", config.data_workers)
+    for name in ("prefetch", "data_workers"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or value != int(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a whole number, got {value!r}")
     if not 0.0 <= config.dropout_rate < 1.0:
         raise ValueError(f"--dropout-rate must be in [0, 1), got {config.dropout_rate!r}")
     if config.image_size < MIN_IMAGE_SIZE:

@@ -83,8 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=int, help=f"total training steps ({d('steps')})")
     add("--batch-size", type=int, help=f"global batch size, split over devices ({d('batch_size')})")
     add("--seed", type=int, help=f"seed of init, dropout and data order ({d('seed')})")
-    add("--data", help="'builtin' (binary stripes), 'builtin-multilabel', an image folder (one subfolder per "
-        f"class) or an .npz with x and y ({d('data')})")
+    add("--data", help="'builtin' (binary stripes), 'builtin-multilabel' (both in memory), or streamed: an image "
+        f"folder (one subfolder per class), an .npz with x and y, or an .array_record file ({d('data')})")
+    add("--data-workers", type=int, help="decode processes of streamed data (a folder, .npz or .array_record); "
+        "0 decodes in the training process (default: one per core but one, at most 16)")
+    add("--on-bad-image", help=f"an unreadable image met while streaming: {', '.join(config_lib.ON_BAD_IMAGE)} "
+        f"(error: exit 2 naming the file; skip: replace it by the next readable one and count it) ({d('on_bad_image')})")
+    add("--prefetch", type=int, help="batches prepared and placed on the devices ahead of the running step; "
+        f"0: none ({d('prefetch')})")
     add("--image-size", type=int, help=f"square input side, >= 75 ({d('image_size')})")
     add("--num-train", type=int, help=f"training examples of the built-in data ({d('num_train')})")
     add("--num-val", type=int, help=f"validation examples of the built-in data ({d('num_val')})")
@@ -220,6 +226,103 @@ class _Placer:
         return tree if self.mesh is None else self._data.replicate(tree, self.mesh)
 
 
+class _Feed:
+    """The loop's batches, placed on the devices and normalized: built-in data in memory, or a stream.
+
+    Built-in data (`nanlab.data.load_for_config`) is normalized on the host, as before. A stream
+    (`nanlab.streaming.open_stream`: a folder, .npz or .array_record) carries uint8 images to the
+    devices and normalizes them there with one small jitted program per batch, dispatched right
+    after the transfer. That program runs before the step rather than inside it so that the step,
+    its compiled executable and the failing-step replay (trace.localize, diagnose) see the same
+    float32 normalized batch on both paths; the prefetcher dispatches it ahead, so it overlaps the
+    previous step.
+    """
+
+    def __init__(self, config: config_lib.TrainConfig, placer: _Placer, *, dataset=None, pipeline=None,
+                 normalizer: dict[str, Any] | None = None):
+        import jax
+
+        self.config, self.placer, self.dataset, self.pipeline = config, placer, dataset, pipeline
+        self._normalize = None
+        if pipeline is not None:
+            from nanlab.streaming import normalize_on_device
+
+            # The statistics are Python floats folded into the program (one compile per run).
+            self._normalize = jax.jit(lambda x: normalize_on_device(x, config.normalize, normalizer,
+                                                                    config.input_scale))
+
+    @property
+    def num_train(self) -> int:
+        return self.pipeline.num_train if self.pipeline is not None else len(self.dataset.x_train)
+
+    def _x(self, x):
+        """Place an image batch; normalize it on the devices when it is streamed."""
+        x = self.placer.batch(x)
+        return x if self._normalize is None else self._normalize(x)
+
+    def place(self, batch):
+        """A host (x, y) batch -> the device batch the step takes."""
+        x, y = batch
+        return self._x(x), self.placer.batch(y)
+
+    def host_batch(self, step: int):
+        """The training batch of `step` on the host (random access: the failing-step replay)."""
+        from nanlab import data as data_lib
+
+        if self.pipeline is not None:
+            return self.pipeline.batch_at(step)
+        dataset = self.dataset
+        return data_lib.batch_at(dataset.x_train, dataset.y_train, step, self.config.batch_size, self.config.seed)
+
+    def batch_of(self, step: int):
+        return self.place(self.host_batch(step))
+
+    @contextlib.contextmanager
+    def batches(self, start_step: int):
+        """The device batches of steps start_step..--steps, prepared --prefetch batches ahead."""
+        from nanlab.prefetch import Prefetcher
+
+        with contextlib.ExitStack() as stack:
+            if self.pipeline is not None:
+                # Worker processes decode in order; the iterator is the stream from start_step on.
+                stream = stack.enter_context(self.pipeline.batches(start_step))
+                items = (next(stream) for _ in range(start_step, self.config.steps))
+            else:
+                items = (self.host_batch(step) for step in range(start_step, self.config.steps))
+            # Closed before the stream: the thread stops using it first.
+            yield stack.enter_context(Prefetcher(items, self.place, self.config.prefetch))
+
+    def calibration(self, num_batches: int):
+        """Device image batches for BatchNorm recalibration: the first training batches in stored order."""
+        size = self.config.batch_size
+        num_batches = min(num_batches, self.num_train // size)
+        if self.pipeline is not None:
+            return (self._x(x) for x in self.pipeline.calibration_batches(num_batches))
+        x_train = self.dataset.x_train
+        return (self._x(x_train[i * size:(i + 1) * size]) for i in range(num_batches))
+
+    def evaluation(self):
+        """The validation split as ((x, y), weights) device batches, the last one padded."""
+        from nanlab import data as data_lib
+
+        if self.pipeline is not None:
+            host = self.pipeline.eval_batches()
+        else:
+            host = data_lib.eval_batches(self.dataset.x_val, self.dataset.y_val, self.config.batch_size)
+        return ((self.place((xb, yb)), self.placer.batch(weights)) for xb, yb, weights in host)
+
+    def summary(self) -> dict[str, Any] | None:
+        """For summary.json: what was streamed, its class -> label mapping and skipped images."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return None
+        out = {"source": pipeline.name, "num_train": pipeline.num_train, "num_val": pipeline.num_val,
+               "workers": pipeline.workers, "class_mapping": pipeline.class_mapping()}
+        if pipeline.on_bad_image == "skip":
+            out["bad_images"] = pipeline.bad_image_report()
+        return out
+
+
 def _nonfinite_quantities(stats) -> list[str]:
     """What a failed step found non-finite; None stats: the weights a previous update wrote."""
     if stats is None:
@@ -250,18 +353,13 @@ def _metrics_row(step: int, stats, telemetry: dict | None, *, images_per_s: floa
     return row
 
 
-def _evaluate(eval_fn, moments_fn, state, dataset, config, placer) -> dict[str, float]:
-    from nanlab import data as data_lib
+def _evaluate(eval_fn, moments_fn, state, feed: "_Feed", config) -> dict[str, float]:
     from nanlab import step as step_lib
 
-    num_batches = min(config.bn_recalibration_batches, len(dataset.x_train) // config.batch_size)
-    calibration = (placer.batch(dataset.x_train[i * config.batch_size:(i + 1) * config.batch_size])
-                   for i in range(num_batches))
-    state = step_lib.recalibrated(state, moments_fn, calibration)
-
+    state = step_lib.recalibrated(state, moments_fn, feed.calibration(config.bn_recalibration_batches))
     totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
-    for xb, yb, weights in data_lib.eval_batches(dataset.x_val, dataset.y_val, config.batch_size):
-        out = eval_fn(state, placer.batch((xb, yb)), placer.batch(weights))
+    for batch, weights in feed.evaluation():
+        out = eval_fn(state, batch, weights)
         for key in totals:
             totals[key] += float(out[key])
     count = max(totals["count"], 1.0)
@@ -319,10 +417,14 @@ def run(config: config_lib.TrainConfig) -> int:
     Returns:
       The exit code: 0 ok, 2 bad input (one line on stderr), 3 non-finite (report.json written).
     """
+    from nanlab.data import DataError
+
     try:
         return _run(config)
     except BadInput as error:
         return _cli.report_bad_input(PROG, error)
+    except DataError as error:  # met while streaming: an unreadable image (named), with --on-bad-image error
+        return _cli.report_bad_input(PROG, f"--data {config.data}: {error}")
     except KeyboardInterrupt:  # the second Ctrl-C: abort without a traceback
         print(f"{PROG}: aborted; resume with --resume from the last complete checkpoint", file=sys.stderr)
         return 130
@@ -343,9 +445,9 @@ def _clear_previous_run(workdir: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Parts:
-    """What a run is built from: its data, device placement, model, loss and optimizer."""
+    """What a run is built from: its data feed, device placement, model, loss and optimizer."""
 
-    dataset: Any
+    feed: _Feed
     input_stats: dict[str, Any]
     placer: "_Placer"
     model: Any
@@ -356,24 +458,65 @@ class _Parts:
     init: Any  # jitted sample_x -> TrainState at step 0
 
 
-def _build_parts(config: config_lib.TrainConfig) -> _Parts:
+def _open_stream(config: config_lib.TrainConfig):
+    """The `StreamPipeline` of a streamed --data (None for built-in data): checks the files and
+    their layout, decodes nothing, so bad data exits before the workdir is created.
+
+    Raises:
+      BadInput: a missing path, one class, an empty folder, a malformed file, a batch larger
+        than the training split.
+    """
+    from nanlab import streaming
+
+    if not streaming.is_stream_spec(config.data):
+        return None
+    try:
+        return streaming.open_stream(config.data, config.image_size, config.seed, config.batch_size,
+                                     workers=config.data_workers, on_bad_image=config.on_bad_image)
+    except ValueError as error:  # DataError is a ValueError
+        raise BadInput(f"--data {config.data}: {error}") from None
+
+
+def _stream_input_stats(pipeline, config: config_lib.TrainConfig, normalizer: dict[str, Any]) -> dict[str, Any]:
+    """Raw and normalized input statistics of a stream, over its first training batch (the
+    in-memory path's are over the whole training set, which a stream never holds)."""
+    from nanlab import data as data_lib
+
+    x, _ = pipeline.batch_at(0)
+    raw = x.astype(np.float32) * np.float32(config.input_scale)
+    return {"raw": data_lib.input_stats(raw),
+            "normalized": data_lib.input_stats(data_lib.normalize(raw, config.normalize, normalizer)),
+            "over": f"the first training batch ({len(x)} images)"}
+
+
+def _build_parts(config: config_lib.TrainConfig, pipeline=None) -> _Parts:
     import jax
     import jax.numpy as jnp
 
     from nanlab import data as data_lib
-    from nanlab import compile_cache, losses, models, optim
+    from nanlab import compile_cache, losses, models, optim, streaming
     from nanlab import step as step_lib
 
-    dataset, input_stats = data_lib.load_for_config(config)
     placer = _Placer(config)
-    model = models.build(config, dataset.num_classes)
+    if pipeline is None:
+        dataset, input_stats = data_lib.load_for_config(config)
+        feed = _Feed(config, placer, dataset=dataset)
+        num_classes, image_shape = dataset.num_classes, dataset.x_train.shape[1:]
+    else:
+        # One decoding pass over the training split: the in-memory path's statistics (to float64
+        # rounding) without holding the images.
+        normalizer = streaming.fit_stream_normalizer(pipeline, config.normalize, input_scale=config.input_scale)
+        input_stats = _stream_input_stats(pipeline, config, normalizer)
+        feed = _Feed(config, placer, pipeline=pipeline, normalizer=normalizer)
+        num_classes, image_shape = pipeline.num_classes, pipeline.image_shape
+    model = models.build(config, num_classes)
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
-    sample_x = jnp.zeros((config.batch_size,) + dataset.x_train.shape[1:], jnp.float32)
+    sample_x = jnp.zeros((config.batch_size,) + tuple(image_shape), jnp.float32)
     # Runs once per run: compiled without XLA's optimization passes (see compile_cache).
     init = jax.jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed),
                    compiler_options=compile_cache.RUN_ONCE_OPTIONS)
-    return _Parts(dataset, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
+    return _Parts(feed, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
 
 
 def _initial_state(config: config_lib.TrainConfig, parts: _Parts, checkpointer) -> tuple[int, Any]:
@@ -449,9 +592,10 @@ def _run(config: config_lib.TrainConfig) -> int:
         cache_dir = compile_cache.resolve(config.compile_cache)
     except ValueError as error:
         raise BadInput(str(error)) from None
+    pipeline = _open_stream(config)  # bad data exits here, before the workdir exists
     workdir = _prepare_workdir(config)
     compile_cache.enable(cache_dir)
-    parts = _build_parts(config)
+    parts = _build_parts(config, pipeline)
     if config.overwrite:  # (--resume and --overwrite exclude each other)
         _clear_previous_run(workdir)
     with contextlib.ExitStack() as resources:  # closes the run log, then the checkpointer
@@ -480,6 +624,8 @@ def _run(config: config_lib.TrainConfig) -> int:
         loop = _Loop(config, workdir, parts, fns, runlog, checkpointer, summary, start_step)
         with StopOnSignal() as loop.stop:
             exit_code = loop.run(state)
+        if parts.feed.summary() is not None:
+            summary["data"] = parts.feed.summary()
     _complete_summary(summary, runlog.rows, exit_code, loop, wall_start)
     runlog.finish(summary, plots=config.plots)
     return exit_code
@@ -515,14 +661,12 @@ class _Loop:
                              on_failure="skip" if config.skip_nonfinite else "raise",
                              finite=step_lib.guard_flag, gate_kwarg="apply_update", replay=self._replay)
 
-    def batch_of(self, step: int):
-        from nanlab import data as data_lib
-
-        dataset = self.parts.dataset
-        return data_lib.batch_at(dataset.x_train, dataset.y_train, step, self.config.batch_size, self.config.seed)
-
     def run(self, state) -> int:
         """Train from `self.step` to --steps; returns the exit code (0, or 3 after a failure)."""
+        with self.parts.feed.batches(self.step) as batches:
+            return self._run(state, batches)
+
+    def _run(self, state, batches) -> int:
         import jax
 
         from nanlab.guard import NonFiniteError
@@ -534,7 +678,7 @@ class _Loop:
                     if self.stop.requested:
                         return self._interrupt(state)
                     step = self.step
-                    batch = placer.batch(self.batch_of(step))
+                    batch = next(batches)  # the batch of `step`, placed (prefetched while the last step ran)
                     with_stats = config.stats_every > 0 and (step + 1) % config.stats_every == 0
                     logged = _logs_after(step + 1, config) or with_stats  # a metrics row follows this step
                     # The weights before a logged step, for update_telemetry (the step donates them).
@@ -632,7 +776,7 @@ class _Loop:
         step's sentinel does not check): the failure is the next step, the first to meet them."""
         self.runlog.close()
         quantities = _nonfinite_quantities(None)
-        self._report(self.step, quantities, state, self.batch_of(self.step))
+        self._report(self.step, quantities, state, self.parts.feed.batch_of(self.step))
         self._fail_summary(self.step, quantities)
         return EXIT_NONFINITE
 
@@ -651,8 +795,7 @@ class _Loop:
                            images_per_s=images_per_s if interval_step > self.start_step else None,
                            with_module_stats=with_stats)
         if _eval_due(step, config):
-            row.update(_evaluate(self.fns.evaluate, self.fns.moments, state, self.parts.dataset, config,
-                                 self.parts.placer))
+            row.update(_evaluate(self.fns.evaluate, self.fns.moments, state, self.parts.feed, config))
         self.runlog.log(row)
         if _checkpoint_due(step, config):
             self._save(step, state)

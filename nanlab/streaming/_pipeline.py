@@ -25,15 +25,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from nanlab.config import BUILTIN_DATA, ON_BAD_IMAGE
 from nanlab.data import DataError, _check_count, _check_image_size
 from nanlab.streaming._sources import BadImage, open_source
 
-ON_BAD_IMAGE = ("error", "skip")
 DEFAULT_PREFETCH = 2  # batches buffered per worker (in-process: batches decoded ahead)
 MAX_SUBSTITUTES = 64  # a skipped image is replaced by the next readable one among this many
 STATE_FORMAT = "nanlab-stream/1"
 _MAX_STEPS = 1 << 40  # the training dataset's length in batches: "endless", yet random access
-BUILTIN_SPECS = ("builtin", "builtin-multilabel")
 
 
 def default_workers() -> int:
@@ -47,7 +46,7 @@ def default_workers() -> int:
 
 def is_stream_spec(spec: Any) -> bool:
     """Whether a ``--data`` value is streamed (a folder, .npz, .array_record) rather than built in."""
-    return spec not in BUILTIN_SPECS
+    return spec not in BUILTIN_DATA
 
 
 def split_indices(n: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
