@@ -15,6 +15,10 @@ On the steps it logs, the loop also runs `nanlab.step.update_telemetry` on a cop
 from before the step (parameter norm, update/param ratio); when that finds the new weights
 non-finite (an overflow inside the optimizer, which the step itself does not check), the failure
 is the next step, the first to meet them.
+Data: the built-in sets are generated in memory (`nanlab.data.load_for_config`); an image folder,
+.npz or .array_record is streamed through `nanlab.streaming` (uint8 until the devices, normalized
+there). Either way the loop takes its batches from a `nanlab.prefetch.Prefetcher` that prepares
+and places the next --prefetch batches while the current step runs (`_Feed`).
 Ctrl-C (SIGINT) or SIGTERM stops the run at the next step boundary: the pending steps are checked,
 a checkpoint of the last finite state is saved, summary.json says `interrupted`, one line says how
 to resume, and the exit code is 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C aborts at once
@@ -32,6 +36,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import json
 import math
 import shutil
 import sys
@@ -50,7 +55,8 @@ from nanlab.interrupts import StopOnSignal
 __all__ = ["EXIT_BAD_INPUT", "EXIT_NONFINITE", "EXIT_OK", "build_parser", "config_from_args", "main", "run"]
 
 PROG = "nanlab.train"
-RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "report.json")
+RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "report.json", "data_state.json")
+DATA_STATE_FILE = "data_state.json"  # a streamed run's pipeline state: --resume refuses other data
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -296,6 +302,8 @@ class _Feed:
         """Device image batches for BatchNorm recalibration: the first training batches in stored order."""
         size = self.config.batch_size
         num_batches = min(num_batches, self.num_train // size)
+        if num_batches == 0:  # (a stream would start its worker processes for nothing)
+            return iter(())
         if self.pipeline is not None:
             return (self._x(x) for x in self.pipeline.calibration_batches(num_batches))
         x_train = self.dataset.x_train
@@ -519,6 +527,28 @@ def _build_parts(config: config_lib.TrainConfig, pipeline=None) -> _Parts:
     return _Parts(feed, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
 
 
+def _check_data_state(workdir: Path, config: config_lib.TrainConfig, pipeline, start_step: int) -> None:
+    """A streamed run records its pipeline's state (files, split, seed, batch size); --resume
+    refuses a pipeline that would give other batches. Built-in data: nothing to record.
+
+    Raises:
+      BadInput: --resume on other files, seed, batch size or split than the run's.
+    """
+    from nanlab.data import DataError
+    from nanlab.runlog import write_json
+
+    if pipeline is None:
+        return
+    path = workdir / DATA_STATE_FILE
+    if config.resume and path.exists():
+        try:
+            pipeline.restore(json.loads(path.read_text()))
+        except (DataError, ValueError) as error:  # a changed folder, or an unreadable file
+            raise BadInput(f"--resume: --data {config.data}: {error}; resume with the run's data, or start over "
+                           "with --overwrite") from None
+    write_json(path, pipeline.state(start_step))
+
+
 def _initial_state(config: config_lib.TrainConfig, parts: _Parts, checkpointer) -> tuple[int, Any]:
     """(start step, placed state): restored from the last checkpoint with --resume, else freshly initialized.
 
@@ -604,6 +634,7 @@ def _run(config: config_lib.TrainConfig) -> int:
         # A second Ctrl-C aborts at once, maybe inside a save: leave only complete checkpoints.
         resources.push(lambda kind, *_: checkpointer.remove_temporary() if kind is KeyboardInterrupt else None)
         start_step, state = _initial_state(config, parts, checkpointer)
+        _check_data_state(workdir, config, pipeline, start_step)
         fns = _step_fns(config, parts)
         summary: dict[str, Any] = {
             "preset": config.preset,

@@ -8,6 +8,7 @@ the module's runs so that equal shapes compile once.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -132,6 +133,41 @@ def test_resume_on_a_streamed_folder_equals_the_uninterrupted_run(folder, tmp_pa
     assert "val_loss" in whole[5] and "val_loss" in whole[11]  # evaluation read the validation stream
     assert _rows_without_timing(split) == whole
     assert json.loads((split / "summary.json").read_text())["resumed_from"] == 6
+
+
+def test_sigint_on_a_streamed_run_then_resume_equals_the_uninterrupted_run(folder, tmp_path, compilation_cache):
+    flags = dict(data=str(folder), steps=30)
+    assert train.run(_config(tmp_path / "whole", **flags)) == 0
+    workdir = tmp_path / "stopped"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": compilation_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    process = subprocess.Popen([sys.executable, "-m", "nanlab.train", *_argv(workdir, **flags)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline and process.poll() is None and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    stopped_at = json.loads((workdir / "summary.json").read_text())["steps"]
+    assert 1 <= stopped_at < 30
+    assert train.run(_config(workdir, resume=True, **flags)) == 0
+    assert json.loads((workdir / "summary.json").read_text())["resumed_from"] == stopped_at
+    assert _rows_without_timing(workdir) == _rows_without_timing(tmp_path / "whole")
+
+
+def test_resume_refuses_changed_data(tmp_path, capsys):
+    root = _make_folder(tmp_path / "data", per_class=8, seed=4)
+    workdir = tmp_path / "run"
+    assert train.main(_argv(workdir, data=str(root), steps=2)) == 0
+    assert json.loads((workdir / "data_state.json").read_text())["num_train"] == 13
+    Image.new("RGB", (50, 50)).save(root / "cat" / "added.png")
+    capsys.readouterr()
+    assert train.main(_argv(workdir, data=str(root), steps=4, resume=True)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume: --data" in err and "differs from this one" in err
+    assert [row["step"] for row in runlog.read_metrics(workdir / "metrics.jsonl")] == [1, 2]  # untouched
 
 
 def test_streamed_run_trains_and_evaluates(folder, tmp_path):
