@@ -343,7 +343,7 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
     """Localize and diagnose the first non-finite step of a cell's first seed that died.
 
     The seed's frozen state (`CellRun.final_states`, the state before its first non-finite
-    step) and that step's batch are replayed through `nanlab.trace.localize` with the replica's
+    step) and that step's batch are replayed through `nanlab.trace.reproduce` with the replica's
     own train step; `nanlab.diagnose.diagnose` names the cause from the report, the batch and the
     seed's loss and grad-norm history. One seed per cell: replaying costs about as much as
     compiling the step, and the seeds of a cell usually fail the same way.
@@ -357,7 +357,8 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
     Returns:
       None when no seed of the cell died (or the chain carries '+skip': a guarded seed trains on,
       so the state before its first non-finite step is not kept); else a dict with seed, step,
-      cause and origin (the trace's), verdict, evidence and fix (the diagnosis's).
+      cause, origin and replay (the trace's: the replay that reproduced it, None when none did),
+      verdict, evidence and fix (the diagnosis's).
     """
     from nanlab import diagnose, trace
 
@@ -375,7 +376,7 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
     rows = batch_indices(data.x_train.shape[0], [step], problem.batch_size, seed)[0]
     batch = (data.x_train[rows], data.y_train[rows])
     train_step = replica_train_step(problem, jnp.asarray(chain_thresholds(chain, problem.structure)))
-    report = trace.localize(train_step, state.train, batch)
+    report = trace.reproduce(train_step, state.train, batch)  # op by op, then compiled segments, then CPU
     history = [{"step": t, "loss": float(run.loss[t, i]), "grad_norm": float(run.grad_norm[t, i])} for t in range(step)]
     verdict = diagnose.diagnose(report, batch=batch, history=history)
     return {
@@ -383,6 +384,7 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
         "step": step,
         "cause": report.cause,
         "origin": report.origin.where() if report.origin is not None else "",
+        "replay": report.replay,
         "verdict": verdict.cause,
         "evidence": list(verdict.evidence),
         "fix": verdict.fix,
