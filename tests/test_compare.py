@@ -334,6 +334,7 @@ def test_nonfinite_seed_is_masked_and_guarded_seed_goes_on(tiny_group, tiny_data
     diagnosis = compare.diagnose_first_failure(_tiny_problem(), data, chains[0], dead)
     assert (diagnosis["seed"], diagnosis["step"]) == (0, first[0])
     assert diagnosis["verdict"] == "bad-data" and diagnosis["cause"] == "nan-input"
+    assert diagnosis["replay"] == "op-by-op"
     assert compare.diagnose_first_failure(_tiny_problem(), data, chains[1], guarded) is None  # trains on
     with pytest.raises(ValueError, match="keep_states"):
         compare.diagnose_first_failure(_tiny_problem(), data, chains[0], dataclasses.replace(dead, final_states=None))

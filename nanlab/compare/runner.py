@@ -345,8 +345,9 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
 
     The seed's frozen state (`CellRun.final_states`, the state before its first non-finite
     step) and that step's batch are replayed by the guard's `nanlab.guard.replay_failure`
-    (`nanlab.trace.localize` with the replica's own train step, then `nanlab.diagnose.diagnose`,
-    which names the cause from the report, the batch and the seed's loss and grad-norm history).
+    (`nanlab.trace.reproduce` with the replica's own train step: op by op, then the fallbacks;
+    then `nanlab.diagnose.diagnose`, which names the cause from the report, the batch and the
+    seed's loss and grad-norm history).
     The lab does not run the full `GuardedStep`: its replicas are vmapped in one program, each
     with its own flag (`alive`), and a dead replica stops while the others train on. One seed per
     cell: replaying costs about as much as compiling the step, and the seeds of a cell usually
@@ -361,7 +362,8 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
     Returns:
       None when no seed of the cell died (or the chain carries '+skip': a guarded seed trains on,
       so the state before its first non-finite step is not kept); else a dict with seed, step,
-      cause and origin (the trace's), verdict, evidence and fix (the diagnosis's).
+      cause, origin and replay (the trace's: the replay that reproduced it, None when none did),
+      verdict, evidence and fix (the diagnosis's).
     """
     from nanlab.guard import replay_failure
 
@@ -380,7 +382,7 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
     batch = (data.x_train[rows], data.y_train[rows])
     train_step = replica_train_step(problem, jnp.asarray(chain_thresholds(chain, problem.structure)))
     history = [{"step": t, "loss": float(run.loss[t, i]), "grad_norm": float(run.grad_norm[t, i])} for t in range(step)]
-    # The guard's replay (trace.localize, then diagnose), silent: the lab prints its own table.
+    # The guard's replay (trace.reproduce, then diagnose), silent: the lab prints its own table.
     error = replay_failure(train_step, (state.train, batch), step=step, history=history, verbose=False, what="step")
     report, verdict = error.report, error.verdict
     return {
@@ -388,6 +390,7 @@ def diagnose_first_failure(problem: Problem, data: CellData, chain: Chain, run: 
         "step": step,
         "cause": report.cause,
         "origin": report.origin.where() if report.origin is not None else "",
+        "replay": report.replay,
         "verdict": verdict.cause,
         "evidence": list(verdict.evidence),
         "fix": verdict.fix,
