@@ -69,6 +69,7 @@ class TrainConfig:
     num_val: int = 512
     normalize: str = "standardize"
     input_scale: float = 1.0  # multiplies the raw pixels before normalization (unscaled-inputs)
+    allow_nonfinite_data: bool = False  # NaN/inf pixels or labels in --data: bad input unless asked for
     # Model.
     model: str = "inception_v3"  # small_cnn: a 3-conv net that compiles in seconds (quick checks, tests)
     width_multiplier: float = 0.25

@@ -1,8 +1,10 @@
 """`python -m nanlab.train`: train the Flax InceptionV3 with a sigmoid cross-entropy head, and report.
 
 The CLI is thin: flags -> `TrainConfig` (`nanlab.config.make_config`) -> `run(config)` -> exit code.
-Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 3 the run went
-non-finite (report.json written into the workdir).
+Exit codes: 0 success, 2 bad input (one line on stderr, nothing written: every input, the data
+included, is checked before the run folder is created), 3 the run went non-finite (report.json
+written into the workdir), or its validation metrics did (summary.json status
+`nonfinite-validation`; such a run is never `ok`).
 
 The loop: each step is one jitted call with donated state. The sentinel's flags stay on the device;
 the host reads them only at log intervals. A non-finite step freezes the state on the device (the
@@ -83,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, help=f"seed of init, dropout and data order ({d('seed')})")
     add("--data", help="'builtin' (binary stripes), 'builtin-multilabel', an image folder (one subfolder per "
         f"class) or an .npz with x and y ({d('data')})")
+    add("--allow-nonfinite-data", action="store_true", default=None,
+        help="train on --data holding NaN/inf pixels or labels (to reproduce such a failure); without it they "
+        "are bad input, exit 2 (default: off)")
     add("--image-size", type=int, help=f"square input side, >= 75 ({d('image_size')})")
     add("--num-train", type=int, help=f"training examples of the built-in data ({d('num_train')})")
     add("--num-val", type=int, help=f"validation examples of the built-in data ({d('num_val')})")
@@ -166,8 +171,10 @@ def default_workdir(config: config_lib.TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{config.scenario}"
 
 
-def check_workdir(workdir: Path, config: config_lib.TrainConfig) -> None:
+def check_workdir(workdir: Path, config: config_lib.TrainConfig, *, create: bool = True) -> None:
     """Refuse a workdir that cannot be written, or that holds a run without --resume/--overwrite.
+
+    With `create` False nothing is created (and writability is not yet probed).
 
     Raises:
       BadInput: with one line naming the workdir and the problem.
@@ -178,7 +185,7 @@ def check_workdir(workdir: Path, config: config_lib.TrainConfig) -> None:
         refusal = f"--resume: no checkpoint in workdir {workdir}"
     elif holds_run and not (config.resume or config.overwrite):
         refusal = f"workdir {workdir} already holds a run; pass --resume to continue it or --overwrite to replace it"
-    _cli.check_workdir(workdir, shown=f"workdir {workdir}", refusal=refusal)
+    _cli.check_workdir(workdir, shown=f"workdir {workdir}", refusal=refusal, create=create)
 
 
 class _Placer:
@@ -328,12 +335,6 @@ def run(config: config_lib.TrainConfig) -> int:
         return 130
 
 
-def _prepare_workdir(config: config_lib.TrainConfig) -> Path:
-    workdir = Path(config.workdir) if config.workdir else default_workdir(config)
-    check_workdir(workdir, config)
-    return workdir
-
-
 def _clear_previous_run(workdir: Path) -> None:
     """--overwrite: remove what an earlier run left (its record, checkpoints, TensorBoard, plots)."""
     for marker in RUN_MARKERS + ("tb",) + tuple(f.name for f in workdir.glob("*.png")):
@@ -450,9 +451,13 @@ def _run(config: config_lib.TrainConfig) -> int:
         cache_dir = compile_cache.resolve(config.compile_cache)
     except ValueError as error:
         raise BadInput(str(error)) from None
-    workdir = _prepare_workdir(config)
-    compile_cache.enable(cache_dir)
+    # Every input is checked before the run folder exists, so that bad input leaves nothing behind:
+    # the workdir's refusals first (cheap), then the data, the devices and the optimizer chain.
+    workdir = Path(config.workdir) if config.workdir else default_workdir(config)
+    check_workdir(workdir, config, create=False)
     parts = _build_parts(config)
+    check_workdir(workdir, config)
+    compile_cache.enable(cache_dir)
     if config.overwrite:  # (--resume and --overwrite exclude each other)
         _clear_previous_run(workdir)
     with contextlib.ExitStack() as resources:  # closes the run log, then the checkpointer
@@ -481,6 +486,8 @@ def _run(config: config_lib.TrainConfig) -> int:
         loop = _Loop(config, workdir, parts, fns, runlog, checkpointer, summary, start_step)
         with StopOnSignal() as loop.stop:
             exit_code = loop.run(state)
+        if exit_code == EXIT_OK:
+            exit_code = _check_validation(summary, runlog.rows)
     _complete_summary(summary, runlog.rows, exit_code, loop, wall_start)
     runlog.finish(summary, plots=config.plots)
     return exit_code
@@ -643,18 +650,41 @@ def _nonfinite_steps(pending, host, step: int, skip_nonfinite: bool) -> list[tup
     return bad
 
 
+VALIDATION_METRICS = ("val_loss", "val_accuracy")
+
+
+def _check_validation(summary: dict[str, Any], rows: list[dict]) -> int:
+    """A run whose training stayed finite but whose validation metrics did not is never `ok`.
+
+    Returns:
+      EXIT_OK, or EXIT_NONFINITE with summary's status set to ``nonfinite-validation`` and one line
+      on stderr naming the first such step and metrics.
+    """
+    for row in rows:
+        bad = [key for key in VALIDATION_METRICS if key in row and not math.isfinite(row[key])]
+        if bad:
+            summary.update(status="nonfinite-validation", nonfinite_validation={"step": row["step"], "metrics": bad})
+            print(f"{PROG}: validation went non-finite at step {row['step']}: {', '.join(bad)} "
+                  f"= {', '.join(str(row[key]) for key in bad)} while training stayed finite; the validation "
+                  "data or the evaluation path holds a non-finite value (input_stats in summary.json)",
+                  file=sys.stderr)
+            return EXIT_NONFINITE
+    return EXIT_OK
+
+
 def _complete_summary(summary: dict[str, Any], rows: list[dict], exit_code: int, loop: _Loop,
                       wall_start: float) -> None:
-    """Add the run's outcome to summary.json's payload: steps, wall time, and for a run that ended ok
-    its final metrics, its first skipped step and the history's verdict."""
-    interrupted = summary.get("status") == "interrupted"
+    """Add the run's outcome to summary.json's payload: steps, wall time, and for a run that trained
+    to the end (ok, or non-finite in validation only) its final metrics, its first skipped step and
+    the history's verdict."""
+    trained_on = summary.get("status") in ("interrupted", "nonfinite-validation")
     summary.update(
-        steps=loop.step if exit_code == EXIT_OK or interrupted else summary.get("failed_step"),
+        steps=loop.step if exit_code == EXIT_OK or trained_on else summary.get("failed_step"),
         wall_s=round(time.perf_counter() - wall_start, 2),
     )
-    if exit_code != EXIT_OK:
+    if exit_code != EXIT_OK and summary.get("status") != "nonfinite-validation":
         return
-    summary["status"] = "ok"
+    summary.setdefault("status", "ok")
     final = rows[-1] if rows else {}
     summary.update(
         final_loss=final.get("loss"),
