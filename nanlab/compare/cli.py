@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the lab from command-line arguments.
 
     Returns:
-      0 on success, 2 on bad input (one line on stderr, nothing written).
+      0 on success, 2 on bad input (one line on stderr, nothing written), 130/143 when SIGINT/SIGTERM
+      stopped the grid (the finished cells written).
     """
     from rich.console import Console
 
