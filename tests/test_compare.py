@@ -523,3 +523,23 @@ def test_cli_sigint_stops_after_the_cells_in_training_and_writes_them(tmp_path, 
     _, rows = _read_csv(workdir / "results.csv")
     assert len(rows) == 1 and rows[0]["scenario"] == "clean"
     assert (workdir / "loss_curves.png").exists()  # the finished scenario is plotted
+
+
+def test_results_table_switches_to_a_list_when_narrow_or_piped():
+    from rich.console import Console
+
+    row = {"scenario": "high-lr", "chain": "global_norm:1", "nonfinite_frac": 0.25, "failed_frac": 0.0,
+           "first_nonfinite_median": 3.0, "first_nonfinite_q25": 2.0, "first_nonfinite_q75": 4.0,
+           "final_val_loss": 0.5, "final_val_accuracy": 0.75, "clip_active_frac": 1.0,
+           "delta_failed_frac": -0.5, "delta_failed_ci_low": -1.0, "delta_failed_ci_high": 0.0,
+           "delta_val_loss": 0.1, "delta_val_loss_ci_low": 0.0, "delta_val_loss_ci_high": 0.2, "verdict": ""}
+    console = Console(width=60, record=True, file=open(os.devnull, "w"))
+    console.print(compare.results_table([row], width=console.width))
+    text = console.export_text()
+    assert "high-lr / global_norm:1" in text and "  first NaN step (IQR): 3 (2-4)" in text
+    assert max(len(line) for line in text.splitlines()) <= 60  # nothing folded or cut
+    assert "┃" not in text  # no table box
+    wide = Console(width=250, record=True, file=open(os.devnull, "w"))
+    wide.print(compare.results_table([row], width=wide.width))
+    wide_text = wide.export_text()  # (export_text empties the record)
+    assert "first NaN step (IQR)" in wide_text and "┃" in wide_text

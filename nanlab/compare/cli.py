@@ -146,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     seconds = time.perf_counter() - started
     _write_outputs(args.workdir, _command_line(argv), grid, overrides, seconds, rows, runs, per_seed)
-    Console().print(results_table(rows))
+    console = Console()
+    console.print(results_table(rows, width=console.width))
     if stop.requested:
         print(f"{PROG}: {stop.name}: stopped after {len(rows)} of {len(grid.scenarios) * len(grid.chains)} "
               f"cells; the finished cells' results are in {args.workdir}/", file=sys.stderr)
