@@ -524,7 +524,8 @@ class _Loop:
         config, fns, placer = self.config, self.fns, self.parts.placer
         ok = placer.state(jnp.bool_(True))
         pending: list[tuple[int, Any, Any]] = []  # (step, its stats, its telemetry or None), on the device
-        with jax.debug_nans(config.debug_nans), jax.debug_infs(config.debug_infs):
+        once = _JaxNoticeOnce() if config.debug_nans or config.debug_infs else contextlib.nullcontext()
+        with jax.debug_nans(config.debug_nans), jax.debug_infs(config.debug_infs), once:
             while self.step < config.steps:
                 if self.stop.requested:
                     return self._interrupt(pending, state)
@@ -633,6 +634,42 @@ class _Loop:
         if _checkpoint_due(step, config):
             self._save(step, state)
         self.interval = (time.perf_counter(), step)
+
+
+class _JaxNoticeOnce:
+    """Context manager: JAX's ``Invalid nan value ... de-optimized version.`` notice printed once.
+
+    Under jax_debug_nans/infs JAX prints that line to stdout each time a jitted call's output is
+    non-finite; the de-optimized re-run of the step calls the jitted functions nested in it, which
+    print it again. Lines other than a repeat of that notice pass through unchanged.
+    """
+
+    NOTICE = "Invalid nan value encountered in the output of a jax.jit function."
+
+    def __init__(self):
+        self._stdout, self._seen, self._drop_newline = None, False, False
+
+    def __enter__(self) -> "_JaxNoticeOnce":
+        self._stdout, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        sys.stdout = self._stdout
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.NOTICE):
+            if self._seen:
+                self._drop_newline = True  # print() writes the line's newline separately
+                return len(text)
+            self._seen = True
+        elif text == "\n" and self._drop_newline:
+            self._drop_newline = False
+            return len(text)
+        self._drop_newline = False
+        return self._stdout.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, encoding, ...: the real stdout's
+        return getattr(self._stdout, name)
 
 
 def _nonfinite_steps(pending, host, step: int, skip_nonfinite: bool) -> list[tuple[int, Any]]:

@@ -174,8 +174,9 @@ def test_skip_nonfinite_finishes_with_finite_params_and_a_skip_count(tmp_path, c
 def test_debug_nans_error_becomes_the_same_report_and_exit_3(tmp_path, capsys):
     workdir = tmp_path / "debug"
     code = train.main(_argv(workdir, scenario="naive-loss", steps=10, debug_nans=True))
-    capsys.readouterr()
+    out = capsys.readouterr().out
     assert code == 3
+    assert out.count("Calling the de-optimized version.") == 1  # JAX's notice once, not per nested jit
     report = json.loads((workdir / "report.json").read_text())
     assert "nan" in report["jax_error"].lower()
     assert report["verdict"]["cause"] == "unstable-loss"
