@@ -42,7 +42,8 @@ def report_bad_input(name: str, error: object) -> int:
     return EXIT_BAD_INPUT
 
 
-def check_workdir(workdir: Path, *, shown: str, noun: str = "directory", refusal: str | None = None) -> None:
+def check_workdir(workdir: Path, *, shown: str, noun: str = "directory", refusal: str | None = None,
+                  create: bool = True) -> None:
     """Make sure `workdir` is a folder this process can write, creating it (and its parents) if needed.
 
     Args:
@@ -51,6 +52,8 @@ def check_workdir(workdir: Path, *, shown: str, noun: str = "directory", refusal
       noun: what the first message calls a folder.
       refusal: the caller's reason to refuse the folder as it is (e.g. it holds results), checked
         after "it is a file" and before anything is created; None to accept it.
+      create: False checks only what needs no folder (a file in the way, the refusal), creating
+        nothing: the check to run before the rest of the input is validated.
 
     Raises:
       BadInput: one line naming the folder and the problem.
@@ -59,6 +62,8 @@ def check_workdir(workdir: Path, *, shown: str, noun: str = "directory", refusal
         raise BadInput(f"{shown} exists and is not a {noun}")
     if refusal is not None:
         raise BadInput(refusal)
+    if not create:
+        return
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".nanlab-write-probe"

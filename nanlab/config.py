@@ -75,6 +75,7 @@ class TrainConfig:
     data_workers: int | None = None
     on_bad_image: str = "error"
     prefetch: int = 2  # batches placed on the devices ahead of the running step; 0: none
+    allow_nonfinite_data: bool = False  # NaN/inf pixels or labels in --data: bad input unless asked for
     # Model.
     model: str = "inception_v3"  # small_cnn: a 3-conv net that compiles in seconds (quick checks, tests)
     width_multiplier: float = 0.25
@@ -145,14 +146,14 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
         {},
     ),
     "unscaled-inputs": (
-        "Example 1: raw pixels x1000, no normalization, float16 compute as in mixed-precision training: "
+        "raw pixels x1000, no normalization, float16 compute as in mixed-precision training: "
         "255,000 overflows float16 (max 65,504) on entry and the step goes non-finite. In float32 "
         "(--dtype float32) the BatchNorm after the first convolution absorbs the scale: no NaN, but "
         "learning stalls",
         {"input_scale": 1000.0, "normalize": "none", "dtype": "float16"},
     ),
     "naive-loss": (
-        "Example 3: the textbook -(z log p + (1-z) log(1-p)) on p = sigmoid(logits), with Adam at 1.0 so that "
+        "the textbook -(z log p + (1-z) log(1-p)) on p = sigmoid(logits), with Adam at 1.0 so that "
         "logits saturate within a few steps: sigmoid rounds to 0 or 1 and the loss takes log(0). The stable "
         "logits-form loss trains at that rate (measured); at 1e-2 the naive loss survives 60 steps",
         {"loss": "naive_sigmoid_binary_cross_entropy", "lr": 1.0},
@@ -164,7 +165,7 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
         {"lr": 1e4, "optimizer": "sgd"},
     ),
     "sigmoid-hidden": (
-        "Example 2: sigmoid hidden activations without BatchNorm; gradients vanish toward the input, "
+        "sigmoid hidden activations without BatchNorm; gradients vanish toward the input, "
         "training stalls",
         {"hidden_activation": "sigmoid", "use_batchnorm": False},
     ),

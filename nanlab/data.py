@@ -13,8 +13,10 @@ Data sources (`load_dataset`):
   (N, K), labels in [0, 1]. Images are resized to ``image_size`` when their size differs.
 
 Every `Dataset` holds float32 NHWC images at raw pixel scale (0..255 for images) and float32
-(N, K) labels. Non-finite pixels are allowed (they are a failure scenario to reproduce) and
-reported by `input_stats`.
+(N, K) labels. A non-finite pixel or label in an .npz is bad input (`DataError` naming the array
+and its first index) unless the caller asks for them (``allow_nonfinite=True``, the train flag
+``--allow-nonfinite-data``: a failure to reproduce); decoded images are uint8, always finite.
+`input_stats` counts the non-finite pixels either way.
 
 Data parallelism: `make_mesh` builds a 1-D mesh (axis ``"batch"``), `shard_batch` splits a
 batch's leading axis over it, `replicate` copies params and optimizer state to every device.
@@ -46,7 +48,8 @@ from PIL import Image
 from nanlab.config import BUILTIN_DATA, MIN_IMAGE_SIZE, NORMALIZE_MODES, BadInput
 
 __all__ = [
-    "DataError", "Dataset", "batch_at", "builtin_dataset", "check_npz_arrays", "eval_batches", "fit_normalizer", "input_stats",
+    "DataError", "Dataset", "batch_at", "builtin_dataset", "check_finite_array", "check_npz_arrays", "eval_batches",
+    "first_nonfinite", "fit_normalizer", "input_stats",
     "labels_from_class_index", "list_image_folder", "load_dataset", "load_for_config", "make_mesh", "normalize",
     "process_slice", "replicate", "shard_batch",
 ]
@@ -330,15 +333,44 @@ def _resize_images(x: np.ndarray, image_size: int) -> np.ndarray:
     return out
 
 
-def check_npz_arrays(path: Path, x_shape: tuple[int, ...], x_dtype: np.dtype, y: np.ndarray) -> np.ndarray:
+def first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first non-finite element of `a` in C order; None when all are finite."""
+    if not np.issubdtype(a.dtype, np.inexact):
+        return None  # integers and booleans are always finite
+    finite = np.isfinite(a)
+    if finite.all():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), a.shape))
+
+
+def check_finite_array(path: Path, name: str, a: np.ndarray, first: int = 0) -> None:
+    """Refuse an array holding NaN or inf, naming the file, the array and the first bad index.
+
+    `first`: the index of a[0] in the whole array, when `a` is one chunk of it.
+
+    Raises:
+      DataError: one line, with the way to train on such data on purpose.
+    """
+    index = first_nonfinite(a)
+    if index is not None:
+        where = [first + index[0], *index[1:]]
+        raise DataError(f"{path}: {name}{where} = {float(a[index])} is not finite (pass "
+                        "--allow-nonfinite-data to train on non-finite data on purpose)")
+
+
+def check_npz_arrays(path: Path, x_shape: tuple[int, ...], x_dtype: np.dtype, y: np.ndarray,
+                     allow_nonfinite: bool = False) -> np.ndarray:
     """Check an .npz's images (by shape and dtype: they may stay on disk) and labels.
+
+    Args:
+      allow_nonfinite: let NaN and inf labels through (finite ones must still lie in [0, 1]).
 
     Returns:
       y as float32 of shape (N, K).
 
     Raises:
       DataError: one line naming the file and what is wrong (object arrays, non-numeric dtypes,
-        shapes, lengths, empty arrays, labels outside [0, 1] or NaN).
+        shapes, lengths, empty arrays, labels outside [0, 1], or non-finite unless allowed).
     """
     if np.dtype(x_dtype).hasobject or y.dtype.hasobject:
         raise DataError(f"{path}: x or y holds arrays of mixed shapes (an object array)")
@@ -357,14 +389,16 @@ def check_npz_arrays(path: Path, x_shape: tuple[int, ...], x_dtype: np.dtype, y:
     if x_shape[0] == 0 or y.shape[1] == 0 or min(x_shape[1:]) == 0:
         raise DataError(f"{path}: empty arrays: x {tuple(x_shape)}, y {y.shape}")
     y = y.astype(np.float32)
-    bad = ~((y >= 0) & (y <= 1))  # also catches NaN labels
+    in_range = (y >= 0) & (y <= 1)  # False for NaN
+    bad = ~in_range & np.isfinite(y) if allow_nonfinite else ~in_range
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise DataError(f"{path}: labels must lie in [0, 1], got y{list(first)} = {y[first]!r}")
+        hint = "" if np.isfinite(y[first]) else " (pass --allow-nonfinite-data to train on non-finite data on purpose)"
+        raise DataError(f"{path}: labels must lie in [0, 1], got y{list(first)} = {float(y[first])}{hint}")
     return y
 
 
-def _load_npz(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _load_npz(path: Path, image_size: int, allow_nonfinite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as error:  # zipfile/OSError/ValueError: all mean "not a readable .npz"
@@ -383,14 +417,17 @@ def _load_npz(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
                 f"{path}: x or y holds arrays of mixed shapes (an object array); save one array x of "
                 "shape (N, H, W, C) or (N, H, W)"
             ) from None
-    y = check_npz_arrays(path, x.shape, x.dtype, y)
+    y = check_npz_arrays(path, x.shape, x.dtype, y, allow_nonfinite)
+    if not allow_nonfinite:
+        check_finite_array(path, "x", x)  # before the resize, which would spread a NaN over its neighbours
     if x.ndim == 3:
         x = x[..., None]
     x = _resize_images(x.astype(np.float32), image_size)
     return x, y
 
 
-def load_dataset(spec: str, image_size: int, seed: int, val_fraction: float = 0.2) -> Dataset:
+def load_dataset(spec: str, image_size: int, seed: int, val_fraction: float = 0.2,
+                 allow_nonfinite: bool = False) -> Dataset:
     """Loads the data named by `spec` (the ``--data`` flag).
 
     Args:
@@ -400,13 +437,15 @@ def load_dataset(spec: str, image_size: int, seed: int, val_fraction: float = 0.
       seed: seed of the built-in generator and of the train/validation split of loaded data.
       val_fraction: share of loaded data held out for validation, in (0, 1); at least one
         example goes to each split. Ignored by the built-in sets (they have fixed split sizes).
+      allow_nonfinite: accept NaN/inf pixels and labels in an .npz (to reproduce such a failure).
 
     Returns:
       A `Dataset`.
 
     Raises:
       DataError: a missing path, an empty folder, fewer than 2 class folders, an unreadable image
-        (named), mixed shapes, labels outside [0, 1] (the value), an x/y length mismatch.
+        (named), mixed shapes, labels outside [0, 1] (the value), an x/y length mismatch, a
+        non-finite pixel or label unless allowed (the array and its first index).
     """
     image_size = _check_image_size(image_size)
     seed = _check_count("seed", seed, 0)
@@ -425,7 +464,7 @@ def load_dataset(spec: str, image_size: int, seed: int, val_fraction: float = 0.
         x, y, names = _load_image_folder(path, image_size)
         return _split(x, y, seed, val_fraction, f"folder:{path.name}", names)
     if path.suffix.lower() == ".npz":
-        x, y = _load_npz(path, image_size)
+        x, y = _load_npz(path, image_size, allow_nonfinite)
         names = tuple(f"label_{k}" for k in range(y.shape[1]))
         return _split(x, y, seed, val_fraction, f"npz:{path.name}", names)
     raise DataError(f"data path {spec} is neither a folder nor an .npz file")
@@ -450,7 +489,8 @@ def load_for_config(config: Any) -> tuple[Dataset, dict[str, dict[str, float]]]:
             kind = "binary" if config.data == "builtin" else "multilabel"
             dataset = builtin_dataset(kind, config.image_size, config.num_train, config.num_val, config.seed)
         else:
-            dataset = load_dataset(config.data, config.image_size, config.seed)
+            dataset = load_dataset(config.data, config.image_size, config.seed,
+                                   allow_nonfinite=config.allow_nonfinite_data)
     except ValueError as error:  # DataError is a ValueError
         raise BadInput(f"--data {config.data}: {error}") from None
     if config.batch_size > len(dataset.x_train):

@@ -106,6 +106,30 @@ def _leaves(tree: Any) -> list[Any]:
     return [tree]
 
 
+_BATCH_PARTS = ("images", "labels")  # the names of an (x, y) batch's two entries
+
+
+def _named_leaves(tree: Any, name: str = "batch") -> list[tuple[str, Any]]:
+    """(words naming the leaf, leaf): an (x, y) batch's entries are its images and labels."""
+    if isinstance(tree, Mapping):
+        return [item for k, v in tree.items() for item in _named_leaves(v, f"{name} {k}")]
+    if isinstance(tree, (tuple, list)):
+        parts = _BATCH_PARTS if name == "batch" and len(tree) == 2 else [f"entry {i}" for i in range(len(tree))]
+        return [item for part, v in zip(parts, tree) for item in _named_leaves(v, f"{name} {part}")]
+    return [(name, tree)]
+
+
+def first_bad_example(batch: Any) -> str | None:
+    """The first non-finite value of a batch in words (``batch images, example 5``); None if all finite."""
+    for name, leaf in _named_leaves(batch):
+        a = np.asarray(leaf)
+        if a.ndim and np.issubdtype(a.dtype, np.inexact):
+            bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+            if bad.any():
+                return f"{name}, example {int(np.argmax(bad))}"
+    return None
+
+
 def _nonfinite_count(a: np.ndarray) -> int:
     a = np.asarray(a)
     if not np.issubdtype(a.dtype, np.inexact):
@@ -200,8 +224,9 @@ def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]
     if batch is not None:
         bad = sum(_nonfinite_count(leaf) for leaf in _leaves(batch))
         if bad:
-            return _verdict("bad-data", f"the failing batch holds {bad} NaN/Inf values",
-                            _report_line(report))
+            where = first_bad_example(batch)
+            return _verdict("bad-data", f"the failing batch holds {bad} NaN/Inf values"
+                            + (f"; the first in {where}" if where else ""), _report_line(report))
         inputs = _batch_inputs(batch)
         max_abs = max((float(np.max(np.abs(a.astype(np.float64)))) for a in inputs if a.size), default=0.0)
         if max_abs > UNSCALED_MAX_ABS:

@@ -24,13 +24,16 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 PLOT_FILES = ("loss.png", "grad_norm.png", "module_grad_norms.png")
 
 __all__ = [
-    "CONFIG_FILE", "METRICS_FILE", "PLOT_FILES", "SUMMARY_FILE", "RunLog", "json_float", "plot_metrics",
+    "CONFIG_FILE", "METRICS_FILE", "PLOT_FILES", "SUMMARY_FILE", "RunLog", "json_float", "metric_figures",
+    "module_grad_grid", "plot_metrics",
     "print_summary", "read_metrics", "summary_rows", "truncate_metrics", "write_json",
 ]
 
@@ -117,20 +120,42 @@ def plot_metrics(rows: list[dict[str, Any]], workdir: str | os.PathLike) -> list
     Returns:
       The written files' paths.
     """
+    import matplotlib.pyplot as plt
+
+    workdir = Path(workdir)
+    written = []
+    for name, fig in metric_figures(rows).items():
+        fig.tight_layout()
+        fig.savefig(workdir / name, dpi=90)
+        plt.close(fig)
+        written.append(workdir / name)
+    return written
+
+
+def module_grad_grid(rows: list[dict[str, Any]]) -> tuple[list[str], list[int], np.ndarray]:
+    """(module names in the rows' order, logged steps, log10 grad norm as modules x steps; NaN where
+    a norm is missing, zero or non-finite)."""
+    module_rows = [row for row in rows if "module_grad_norms" in row]
+    names = list(module_rows[0]["module_grad_norms"]) if module_rows else []
+    norms = np.array([[row["module_grad_norms"].get(name, np.nan) for row in module_rows] for name in names],
+                     np.float64).reshape(len(names), len(module_rows))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_norms = np.where(np.isfinite(norms) & (norms > 0), np.log10(norms), np.nan)
+    return names, [row["step"] for row in module_rows], log_norms
+
+
+def metric_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's plots as matplotlib figures, by file name; each has a title.
+
+    module_grad_norms.png is a modules x steps heatmap of log10 gradient norms, one labelled row per
+    module (17 lines on a 10-colour cycle could not be told apart).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never open a window
     import matplotlib.pyplot as plt
 
-    workdir = Path(workdir)
-    written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(workdir / name, dpi=90)
-        plt.close(fig)
-        written.append(workdir / name)
-
+    figures = {}
     steps = [row["step"] for row in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [row["loss"] for row in rows], label="train loss")
@@ -138,24 +163,27 @@ def plot_metrics(rows: list[dict[str, Any]], workdir: str | os.PathLike) -> list
     if val:
         ax.plot(*zip(*val), "o-", label="val loss")
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
-    save(fig, "loss.png")
+    ax.set_title("Loss (train; validation at its passes)")
+    figures["loss.png"] = fig
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [row["grad_norm"] for row in rows])
     ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("global grad norm")
-    save(fig, "grad_norm.png")
+    ax.set_title("Global gradient norm")
+    figures["grad_norm.png"] = fig
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    module_rows = [row for row in rows if "module_grad_norms" in row]
-    names = list(module_rows[0]["module_grad_norms"]) if module_rows else []
-    for name in names:
-        ax.plot([row["step"] for row in module_rows], [row["module_grad_norms"].get(name) for row in module_rows],
-                label=name)
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("grad norm per module")
+    names, module_steps, log_norms = module_grad_grid(rows)
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.25 * max(len(names), 1)))
     if names:
-        ax.legend(fontsize=6, ncol=2)
-    save(fig, "module_grad_norms.png")
-    return written
+        image = ax.imshow(log_norms, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        shown = np.unique(np.linspace(0, len(module_steps) - 1, min(len(module_steps), 10)).astype(int))
+        ax.set_xticks(shown, [str(module_steps[i]) for i in shown])
+        fig.colorbar(image, ax=ax, label="log10 grad norm")
+    ax.set_xlabel("step")
+    ax.set_title("Gradient norm per module (input at the top; blank: not finite)")
+    figures["module_grad_norms.png"] = fig
+    return figures
 
 
 def _fmt(value: Any) -> str:

@@ -1,8 +1,10 @@
 """`python -m nanlab.train`: train the Flax InceptionV3 with a sigmoid cross-entropy head, and report.
 
 The CLI is thin: flags -> `TrainConfig` (`nanlab.config.make_config`) -> `run(config)` -> exit code.
-Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 3 the run went
-non-finite (report.json written into the workdir).
+Exit codes: 0 success, 2 bad input (one line on stderr, nothing written: every input, the data
+included, is checked before the run folder is created), 3 the run went non-finite (report.json
+written into the workdir), or its validation metrics did (summary.json status
+`nonfinite-validation`; such a run is never `ok`).
 
 The loop: each step is one call of `nanlab.guard.guard(train_step)`, one jitted executable with
 donated state whose finite flag is the step's own sentinel (it sees the gradients) and whose gate is
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"(error: exit 2 naming the file; skip: replace it by the next readable one and count it) ({d('on_bad_image')})")
     add("--prefetch", type=int, help="batches prepared and placed on the devices ahead of the running step; "
         f"0: none ({d('prefetch')})")
+    add("--allow-nonfinite-data", action="store_true", default=None,
+        help="train on --data holding NaN/inf pixels or labels (to reproduce such a failure); without it they "
+        "are bad input, exit 2 (default: off)")
     add("--image-size", type=int, help=f"square input side, >= 75 ({d('image_size')})")
     add("--num-train", type=int, help=f"training examples of the built-in data ({d('num_train')})")
     add("--num-val", type=int, help=f"validation examples of the built-in data ({d('num_val')})")
@@ -180,8 +185,10 @@ def default_workdir(config: config_lib.TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{config.scenario}"
 
 
-def check_workdir(workdir: Path, config: config_lib.TrainConfig) -> None:
+def check_workdir(workdir: Path, config: config_lib.TrainConfig, *, create: bool = True) -> None:
     """Refuse a workdir that cannot be written, or that holds a run without --resume/--overwrite.
+
+    With `create` False nothing is created (and writability is not yet probed).
 
     Raises:
       BadInput: with one line naming the workdir and the problem.
@@ -192,7 +199,7 @@ def check_workdir(workdir: Path, config: config_lib.TrainConfig) -> None:
         refusal = f"--resume: no checkpoint in workdir {workdir}"
     elif holds_run and not (config.resume or config.overwrite):
         refusal = f"workdir {workdir} already holds a run; pass --resume to continue it or --overwrite to replace it"
-    _cli.check_workdir(workdir, shown=f"workdir {workdir}", refusal=refusal)
+    _cli.check_workdir(workdir, shown=f"workdir {workdir}", refusal=refusal, create=create)
 
 
 class _Placer:
@@ -438,12 +445,6 @@ def run(config: config_lib.TrainConfig) -> int:
         return 130
 
 
-def _prepare_workdir(config: config_lib.TrainConfig) -> Path:
-    workdir = Path(config.workdir) if config.workdir else default_workdir(config)
-    check_workdir(workdir, config)
-    return workdir
-
-
 def _clear_previous_run(workdir: Path) -> None:
     """--overwrite: remove what an earlier run left (its record, checkpoints, TensorBoard, plots)."""
     for marker in RUN_MARKERS + ("tb",) + tuple(f.name for f in workdir.glob("*.png")):
@@ -480,7 +481,8 @@ def _open_stream(config: config_lib.TrainConfig):
         return None
     try:
         return streaming.open_stream(config.data, config.image_size, config.seed, config.batch_size,
-                                     workers=config.data_workers, on_bad_image=config.on_bad_image)
+                                     workers=config.data_workers, on_bad_image=config.on_bad_image,
+                                     allow_nonfinite=config.allow_nonfinite_data)
     except ValueError as error:  # DataError is a ValueError
         raise BadInput(f"--data {config.data}: {error}") from None
 
@@ -622,10 +624,14 @@ def _run(config: config_lib.TrainConfig) -> int:
         cache_dir = compile_cache.resolve(config.compile_cache)
     except ValueError as error:
         raise BadInput(str(error)) from None
-    pipeline = _open_stream(config)  # bad data exits here, before the workdir exists
-    workdir = _prepare_workdir(config)
-    compile_cache.enable(cache_dir)
+    # Every input is checked before the run folder exists, so that bad input leaves nothing behind:
+    # the workdir's refusals first (cheap), then the data, the devices and the optimizer chain.
+    workdir = Path(config.workdir) if config.workdir else default_workdir(config)
+    check_workdir(workdir, config, create=False)
+    pipeline = _open_stream(config)  # streamed data: bad data exits here
     parts = _build_parts(config, pipeline)
+    check_workdir(workdir, config)
+    compile_cache.enable(cache_dir)
     if config.overwrite:  # (--resume and --overwrite exclude each other)
         _clear_previous_run(workdir)
     with contextlib.ExitStack() as resources:  # closes the run log, then the checkpointer
@@ -657,6 +663,8 @@ def _run(config: config_lib.TrainConfig) -> int:
             exit_code = loop.run(state)
         if parts.feed.summary() is not None:
             summary["data"] = parts.feed.summary()
+        if exit_code == EXIT_OK:
+            exit_code = _check_validation(summary, runlog.rows)
     _complete_summary(summary, runlog.rows, exit_code, loop, wall_start)
     runlog.finish(summary, plots=config.plots)
     return exit_code
@@ -703,7 +711,8 @@ class _Loop:
         from nanlab.guard import NonFiniteError
 
         config, fns, placer, guarded = self.config, self.fns, self.parts.placer, self.guarded
-        with jax.debug_nans(config.debug_nans), jax.debug_infs(config.debug_infs):
+        once = _JaxNoticeOnce() if config.debug_nans or config.debug_infs else contextlib.nullcontext()
+        with jax.debug_nans(config.debug_nans), jax.debug_infs(config.debug_infs), once:
             try:
                 while self.step < config.steps:
                     if self.stop.requested:
@@ -833,18 +842,55 @@ class _Loop:
         self.interval = (time.perf_counter(), step)
 
 
+class _JaxNoticeOnce:
+    """Context manager: JAX's ``Invalid nan value ... de-optimized version.`` notice printed once.
+
+    Under jax_debug_nans/infs JAX prints that line to stdout each time a jitted call's output is
+    non-finite; the de-optimized re-run of the step calls the jitted functions nested in it, which
+    print it again. Lines other than a repeat of that notice pass through unchanged.
+    """
+
+    NOTICE = "Invalid nan value encountered in the output of a jax.jit function."
+
+    def __init__(self):
+        self._stdout, self._seen, self._drop_newline = None, False, False
+
+    def __enter__(self) -> "_JaxNoticeOnce":
+        self._stdout, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        sys.stdout = self._stdout
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.NOTICE):
+            if self._seen:
+                self._drop_newline = True  # print() writes the line's newline separately
+                return len(text)
+            self._seen = True
+        elif text == "\n" and self._drop_newline:
+            self._drop_newline = False
+            return len(text)
+        self._drop_newline = False
+        return self._stdout.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, encoding, ...: the real stdout's
+        return getattr(self._stdout, name)
+
+
 def _complete_summary(summary: dict[str, Any], rows: list[dict], exit_code: int, loop: _Loop,
                       wall_start: float) -> None:
-    """Add the run's outcome to summary.json's payload: steps, wall time, and for a run that ended ok
-    its final metrics, its first skipped step and the history's verdict."""
-    interrupted = summary.get("status") == "interrupted"
+    """Add the run's outcome to summary.json's payload: steps, wall time, and for a run that trained
+    to the end (ok, or non-finite in validation only) its final metrics, its first skipped step and
+    the history's verdict."""
+    trained_on = summary.get("status") in ("interrupted", "nonfinite-validation")
     summary.update(
-        steps=loop.step if exit_code == EXIT_OK or interrupted else summary.get("failed_step"),
+        steps=loop.step if exit_code == EXIT_OK or trained_on else summary.get("failed_step"),
         wall_s=round(time.perf_counter() - wall_start, 2),
     )
-    if exit_code != EXIT_OK:
+    if exit_code != EXIT_OK and summary.get("status") != "nonfinite-validation":
         return
-    summary["status"] = "ok"
+    summary.setdefault("status", "ok")
     final = rows[-1] if rows else {}
     summary.update(
         final_loss=final.get("loss"),

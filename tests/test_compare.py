@@ -495,3 +495,52 @@ def test_replicas_sharded_over_four_simulated_devices_train_as_they_do_alone():
     assert out["devices"] == 4
     assert out["loss"] < 1e-5 and out["val"] < 1e-4
     assert out["spread"] > 1e-3  # four different seeds, not one seed four times
+
+
+def test_cli_sigint_stops_after_the_cells_in_training_and_writes_them(tmp_path, tiny_model, capsys, monkeypatch):
+    import signal
+
+    from nanlab.compare import grid as lab_grid
+
+    real_train_group, calls = lab_grid.train_group, []
+
+    def interrupted_train_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the first group of cells trains
+        return real_train_group(*args, **kwargs)
+
+    monkeypatch.setattr(lab_grid, "train_group", interrupted_train_group)
+    workdir = tmp_path / "grid"
+    code = compare_cli.main([
+        "--scenarios", "clean", "high-lr", "--chains", "none", "--seeds", "2", "--steps", "4",
+        "--optimizer", "sgd", "--batch-size", "8", "--num-train", "64", "--num-val", "32",
+        "--chunk-steps", "2", "--workdir", str(workdir), "--no-progress",
+    ])
+    err = capsys.readouterr().err
+    assert code == 130 and len(calls) == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("nanlab.compare: SIGINT: stopped")]
+    assert lines == [f"nanlab.compare: SIGINT: stopped after 1 of 2 cells; the finished cells' results are in {workdir}/"]
+    _, rows = _read_csv(workdir / "results.csv")
+    assert len(rows) == 1 and rows[0]["scenario"] == "clean"
+    assert (workdir / "loss_curves.png").exists()  # the finished scenario is plotted
+
+
+def test_results_table_switches_to_a_list_when_narrow_or_piped():
+    from rich.console import Console
+
+    row = {"scenario": "high-lr", "chain": "global_norm:1", "nonfinite_frac": 0.25, "failed_frac": 0.0,
+           "first_nonfinite_median": 3.0, "first_nonfinite_q25": 2.0, "first_nonfinite_q75": 4.0,
+           "final_val_loss": 0.5, "final_val_accuracy": 0.75, "clip_active_frac": 1.0,
+           "delta_failed_frac": -0.5, "delta_failed_ci_low": -1.0, "delta_failed_ci_high": 0.0,
+           "delta_val_loss": 0.1, "delta_val_loss_ci_low": 0.0, "delta_val_loss_ci_high": 0.2, "verdict": ""}
+    console = Console(width=60, record=True, file=open(os.devnull, "w"))
+    console.print(compare.results_table([row], width=console.width))
+    text = console.export_text()
+    assert "high-lr / global_norm:1" in text and "  first NaN step (IQR): 3 (2-4)" in text
+    assert max(len(line) for line in text.splitlines()) <= 60  # nothing folded or cut
+    assert "┃" not in text  # no table box
+    wide = Console(width=250, record=True, file=open(os.devnull, "w"))
+    wide.print(compare.results_table([row], width=wide.width))
+    wide_text = wide.export_text()  # (export_text empties the record)
+    assert "first NaN step (IQR)" in wide_text and "┃" in wide_text

@@ -92,3 +92,9 @@ def test_describe_scenarios_lists_every_scenario():
     for name in SCENARIOS:
         assert name in text
     assert "input_scale=1000.0" in text
+
+
+def test_scenario_descriptions_stand_on_their_own():
+    # "Example 1/2/3" meant the seed's examples, which a user of --list-scenarios never saw.
+    for description, _ in config_lib.SCENARIOS.values():
+        assert "Example" not in description

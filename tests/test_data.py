@@ -236,7 +236,9 @@ def test_npz_nonfinite_pixels_allowed_and_reported(tmp_path):
     x[1, 2, 3, 0] = np.nan
     x[2, 0, 0, 1] = np.inf
     np.savez(tmp_path / "nan.npz", x=x, y=np.array([0, 1, 0, 1]))
-    ds = data.load_dataset(str(tmp_path / "nan.npz"), SIZE, seed=0, val_fraction=0.25)
+    with pytest.raises(data.DataError, match=r"nan.npz: x\[1, 2, 3, 0\] = nan is not finite"):
+        data.load_dataset(str(tmp_path / "nan.npz"), SIZE, seed=0, val_fraction=0.25)  # refused unless asked
+    ds = data.load_dataset(str(tmp_path / "nan.npz"), SIZE, seed=0, val_fraction=0.25, allow_nonfinite=True)
     stats = data.input_stats(np.concatenate([ds.x_train, ds.x_val]))
     assert stats["nonfinite"] == 2 and stats["min"] == 7.0 and stats["max"] == 7.0
 

@@ -165,3 +165,14 @@ def test_end_to_end_with_a_real_report_of_a_naive_loss():
     report = localize(jax.value_and_grad(naive_bce), logits, labels)
     v = diagnose(report, batch=clean_batch(), history=healthy_history())
     assert v.cause == "unstable-loss", (str(report), str(v))
+
+
+def test_bad_data_verdict_names_the_input_in_words():
+    x = np.zeros((8, 4, 4, 3), np.float32)
+    y = np.zeros((8, 1), np.float32)
+    x[5, 1, 2, 0] = np.nan
+    v = diagnose(None, batch=(x, y))
+    assert v.cause == "bad-data" and v.evidence[0].endswith("the first in batch images, example 5")
+    x[5, 1, 2, 0] = 0.0
+    y[3, 0] = np.inf
+    assert diagnose(None, batch=(x, y)).evidence[0].endswith("the first in batch labels, example 3")

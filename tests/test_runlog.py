@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 from nanlab import runlog
 
 
@@ -49,3 +51,25 @@ def test_a_torn_last_line_is_dropped(tmp_path):
 def test_summary_rows_flatten_nested_values():
     rows = dict(runlog.summary_rows({"a": {"b": 1.23456, "c": {"d": "x"}}, "e": [1.0, 2.0], "f": float("inf")}))
     assert rows == {"a.b": "1.235", "a.c.d": "x", "e": "1; 2", "f": "inf"}
+
+
+def test_every_plot_has_a_title_and_module_norms_are_one_labelled_row_each():
+    import matplotlib.pyplot as plt
+
+    names = [f"Mixed_{i}" for i in range(17)]  # more modules than a 10-colour cycle
+    rows = [{"step": step, "loss": 1.0 / step, "grad_norm": 2.0, "val_loss": 0.5,
+             "module_grad_norms": {name: 10.0 ** (i - 8) for i, name in enumerate(names)}} for step in (10, 20, 30)]
+    rows[1]["module_grad_norms"]["Mixed_3"] = float("nan")
+    grid_names, steps, log_norms = runlog.module_grad_grid(rows)
+    assert grid_names == names and steps == [10, 20, 30] and log_norms.shape == (17, 3)
+    assert log_norms[0, 0] == -8.0 and log_norms[16, 2] == 8.0 and np.isnan(log_norms[3, 1])
+    figures = runlog.metric_figures(rows)
+    try:
+        assert sorted(figures) == sorted(["loss.png", "grad_norm.png", "module_grad_norms.png"])
+        assert all(fig.axes[0].get_title() for fig in figures.values())
+        heatmap = figures["module_grad_norms.png"].axes[0]
+        assert [label.get_text() for label in heatmap.get_yticklabels()] == names
+        assert len(heatmap.get_lines()) == 0 and len(heatmap.get_images()) == 1  # a heatmap, not 17 lines
+    finally:
+        for fig in figures.values():
+            plt.close(fig)

@@ -19,6 +19,7 @@ from nanlab.compare.grid import Grid, make_grid, run_grid
 from nanlab.compare.report import OUTPUT_FILES, results_table, write_csv, write_plots, write_results_json
 from nanlab.compare.summary import COLUMNS
 from nanlab.config import BadInput
+from nanlab.interrupts import StopOnSignal
 
 __all__ = ["PROG", "build_parser", "check_workdir", "grid_from_args", "main"]
 
@@ -112,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the lab from command-line arguments.
 
     Returns:
-      0 on success, 2 on bad input (one line on stderr, nothing written).
+      0 on success, 2 on bad input (one line on stderr, nothing written), 130/143 when SIGINT/SIGTERM
+      stopped the grid (the finished cells written).
     """
     from rich.console import Console
 
@@ -130,14 +132,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cli.report_bad_input(PROG, error)
 
     started = time.perf_counter()
+    # Ctrl-C/SIGTERM: finish the group of cells in flight, write what finished, exit 130/143.
+    stop = StopOnSignal("stopping after the cells in training (press Ctrl-C again to abort)")
     try:
-        rows, runs, per_seed = run_grid(grid, chunk_steps=args.chunk_steps, progress=args.progress,
-                                        console=Console(stderr=True), diagnose=args.diagnose)
+        with stop:
+            rows, runs, per_seed = run_grid(grid, chunk_steps=args.chunk_steps, progress=args.progress,
+                                            console=Console(stderr=True), diagnose=args.diagnose,
+                                            stop=lambda: stop.requested)
     except BadInput as error:
         return _cli.report_bad_input(PROG, error)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        print(f"{PROG}: aborted; nothing written", file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - started
     _write_outputs(args.workdir, _command_line(argv), grid, overrides, seconds, rows, runs, per_seed)
-    Console().print(results_table(rows))
+    console = Console()
+    console.print(results_table(rows, width=console.width))
+    if stop.requested:
+        print(f"{PROG}: {stop.name}: stopped after {len(rows)} of {len(grid.scenarios) * len(grid.chains)} "
+              f"cells; the finished cells' results are in {args.workdir}/", file=sys.stderr)
+        return stop.exit_code
     print(f"{len(rows)} cells, {len(grid.seeds)} seeds, {grid.steps} steps in {seconds:.0f} s; "
           f"results in {args.workdir}/ ({', '.join(OUTPUT_FILES)})")
     return _cli.EXIT_OK
@@ -172,7 +186,10 @@ def _write_outputs(workdir: str, command: str, grid: Grid, overrides: dict[str, 
         },
         os.path.join(workdir, "results.json"),
     )
-    write_plots(grid.scenarios, grid.chains, runs, rows, workdir)
+    # The plots draw every chain of a scenario: only scenarios whose cells all finished.
+    finished = [s for s in grid.scenarios if all((s, c) in runs for c in grid.chains)]
+    if finished:
+        write_plots(finished, grid.chains, runs, [r for r in rows if r["scenario"] in finished], workdir)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ scenario's baseline `none`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from nanlab import config as config_lib
 from nanlab import data as data_lib
@@ -149,6 +149,7 @@ def run_grid(
     progress: bool = True,
     console=None,
     diagnose: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, Chain], CellRun], list[dict[str, Any]]]:
     """Trains the whole grid: per scenario, one vmapped computation per clip structure.
 
@@ -159,6 +160,8 @@ def run_grid(
         the verdict goes to the row's "verdict" and the details to its per-seed entry.
       progress: show a rich progress bar.
       console: a rich Console to draw on (None: a new one on stderr).
+      stop: asked after each group of cells (one scenario's clip structure, trained together);
+        True ends the grid there, and only the finished cells get rows.
 
     Returns:
       (rows: one results row per cell, in grid order; runs: (scenario, chain) -> CellRun;
@@ -197,12 +200,16 @@ def run_grid(
                     diagnoses[(scenario, chain)] = diagnose_first_failure(problem, data, chain, run)
                     run = dataclasses.replace(run, final_states=None)  # the states served their purpose
                 runs[(scenario, chain)] = run
+            if stop is not None and stop():
+                break
 
     rows, per_seed = [], []
     for scenario in grid.scenarios:
         baseline_chain = next((c for c in grid.chains if c.is_baseline), None)
-        baseline = runs[(scenario, baseline_chain)] if baseline_chain is not None else None
+        baseline = runs.get((scenario, baseline_chain))
         for chain in grid.chains:
+            if (scenario, chain) not in runs:  # stopped before this cell trained
+                continue
             run = runs[(scenario, chain)]
             row = summarize_cell(scenario, chain, run, None if chain.is_baseline else baseline)
             diagnosis = diagnoses.get((scenario, chain))

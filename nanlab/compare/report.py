@@ -142,27 +142,44 @@ def _fmt_ci(mean: float, low: float, high: float) -> str:
     return f"{mean:+.3g} [{low:+.3g}, {high:+.3g}]"
 
 
-def results_table(rows: Sequence[dict[str, Any]]):
-    """A rich Table of the results rows (the terminal summary)."""
-    from rich.table import Table
+TABLE_HEADINGS = ("scenario", "chain", "non-finite", "failed", "first NaN step (IQR)", "val loss", "val acc",
+                  "clip active", "Δ failed [95% CI]", "Δ val loss [95% CI]")
+TABLE_MIN_WIDTH = 150  # below this many columns the table folds into unreadable slivers: a list instead
 
-    table = Table(title="nanlab.compare: clipping lab")
+
+def _table_cells(row: dict[str, Any], with_verdicts: bool) -> list[tuple[str, str]]:
+    """(column heading, text) of one results row, in the table's order."""
+    first = "-"
+    if math.isfinite(row["first_nonfinite_median"]):
+        first = f"{row['first_nonfinite_median']:g} ({row['first_nonfinite_q25']:g}-{row['first_nonfinite_q75']:g})"
+    values = [
+        row["scenario"], row["chain"], _fmt(row["nonfinite_frac"], 2), _fmt(row["failed_frac"], 2), first,
+        _fmt(row["final_val_loss"]), _fmt(row["final_val_accuracy"]), _fmt(row["clip_active_frac"], 2),
+        _fmt_ci(row["delta_failed_frac"], row["delta_failed_ci_low"], row["delta_failed_ci_high"]),
+        _fmt_ci(row["delta_val_loss"], row["delta_val_loss_ci_low"], row["delta_val_loss_ci_high"]),
+    ]
+    cells = list(zip(TABLE_HEADINGS, values))
+    return cells + ([("verdict", row["verdict"] or "-")] if with_verdicts else [])
+
+
+def results_table(rows: Sequence[dict[str, Any]], width: int | None = None):
+    """The terminal summary of the results rows: a rich Table, or, when `width` (the output's
+    columns; None: wide) is under `TABLE_MIN_WIDTH` (a narrow terminal, or a pipe, which rich
+    takes as 80 columns), a list with one block of ``heading: value`` lines per cell."""
+    from rich.table import Table
+    from rich.text import Text
+
     with_verdicts = any(row["verdict"] for row in rows)
-    for name in ("scenario", "chain", "non-finite", "failed", "first NaN step (IQR)", "val loss",
-                 "val acc", "clip active", "Δ failed [95% CI]", "Δ val loss [95% CI]") + (
-                     ("verdict",) if with_verdicts else ()):
+    if width is not None and width < TABLE_MIN_WIDTH:
+        lines = ["nanlab.compare: clipping lab"]
+        for row in rows:
+            cells = _table_cells(row, with_verdicts)
+            lines.append(f"\n{row['scenario']} / {row['chain']}")
+            lines.extend(f"  {name}: {value}" for name, value in cells[2:])
+        return Text("\n".join(lines))
+    table = Table(title="nanlab.compare: clipping lab")
+    for name in TABLE_HEADINGS + (("verdict",) if with_verdicts else ()):
         table.add_column(name, overflow="fold")
     for row in rows:
-        first = "-"
-        if math.isfinite(row["first_nonfinite_median"]):
-            first = (f"{row['first_nonfinite_median']:g} ({row['first_nonfinite_q25']:g}-"
-                     f"{row['first_nonfinite_q75']:g})")
-        table.add_row(
-            row["scenario"], row["chain"], _fmt(row["nonfinite_frac"], 2), _fmt(row["failed_frac"], 2),
-            first, _fmt(row["final_val_loss"]), _fmt(row["final_val_accuracy"]),
-            _fmt(row["clip_active_frac"], 2),
-            _fmt_ci(row["delta_failed_frac"], row["delta_failed_ci_low"], row["delta_failed_ci_high"]),
-            _fmt_ci(row["delta_val_loss"], row["delta_val_loss_ci_low"], row["delta_val_loss_ci_high"]),
-            *((row["verdict"] or "-",) if with_verdicts else ()),
-        )
+        table.add_row(*(value for _, value in _table_cells(row, with_verdicts)))
     return table

@@ -392,7 +392,7 @@ class StreamPipeline:
 
 def open_stream(spec: str | os.PathLike, image_size: int, seed: int, batch_size: int, *,
                 val_fraction: float = 0.2, workers: int | None = None, on_bad_image: str = "error",
-                prefetch: int = DEFAULT_PREFETCH) -> StreamPipeline:
+                prefetch: int = DEFAULT_PREFETCH, allow_nonfinite: bool = False) -> StreamPipeline:
     """Opens a folder, ``.npz`` or ``.array_record`` file for streaming; checks it, decodes nothing.
 
     Args:
@@ -405,6 +405,7 @@ def open_stream(spec: str | os.PathLike, image_size: int, seed: int, batch_size:
       on_bad_image: ``"error"`` (a `DataError` naming the file when the batch is taken) or
         ``"skip"`` (replaced by the next readable image, counted in `StreamPipeline.skipped`).
       prefetch: batches buffered per worker.
+      allow_nonfinite: let an .npz's NaN/inf pixels and labels through (else a `DataError` here).
 
     Returns:
       A `StreamPipeline`.
@@ -427,6 +428,6 @@ def open_stream(spec: str | os.PathLike, image_size: int, seed: int, batch_size:
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {on_bad_image!r}")
     prefetch = _check_count("prefetch", prefetch, 1)
-    source = open_source(spec, image_size)
+    source = open_source(spec, image_size, allow_nonfinite)
     return StreamPipeline(source, seed=seed, batch_size=batch_size, val_fraction=float(val_fraction),
                           workers=workers, on_bad_image=on_bad_image, prefetch=prefetch)

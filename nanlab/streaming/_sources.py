@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from nanlab.data import (DataError, IMAGE_SUFFIXES, _describe, _is_image_file, _resize_images,
-                         check_npz_arrays, labels_from_class_index, list_image_folder)
+                         check_finite_array, check_npz_arrays, labels_from_class_index, list_image_folder)
 
 ARRAY_RECORD_SUFFIX = ".array_record"
 # Record 0 of a nanlab ArrayRecord file: this magic, then a JSON header (format, class names, count,
@@ -263,8 +263,9 @@ class NpzSource:
     """``x`` (N, H, W, C) or (N, H, W) memory-mapped from the .npz, ``y`` (N,) or (N, K) in memory.
 
     Pixels come out in the stored dtype when it is uint8 and already at ``image_size``; otherwise
-    as float32 resized like `nanlab.data`'s loader (its values exactly). A non-finite pixel makes
-    the example bad input (`BadImage`).
+    as float32 resized like `nanlab.data`'s loader (its values exactly). A non-finite pixel or
+    label is bad input, found when the file is opened (`DataError`), unless it is opened with
+    ``allow_nonfinite=True`` (``--allow-nonfinite-data``: reproducing such a failure on purpose).
     """
 
     path: Path
@@ -277,9 +278,10 @@ class NpzSource:
     file_size: int
 
     kind = "npz"
+    allow_nonfinite: bool = False
 
     @classmethod
-    def open(cls, path: Path, image_size: int) -> "NpzSource":
+    def open(cls, path: Path, image_size: int, allow_nonfinite: bool = False) -> "NpzSource":
         try:
             archive = zipfile.ZipFile(path)
         except Exception as error:
@@ -303,8 +305,11 @@ class NpzSource:
                 raise DataError(f"unreadable .npz file {path}: {_describe(error)}") from None
         source = None
         try:
-            y = check_npz_arrays(path, x_shape, x_dtype, y)
-            source = cls(path, x_file, x_offset, tuple(x_shape), x_dtype, y, image_size, path.stat().st_size)
+            y = check_npz_arrays(path, x_shape, x_dtype, y, allow_nonfinite)
+            source = cls(path, x_file, x_offset, tuple(x_shape), x_dtype, y, image_size, path.stat().st_size,
+                         allow_nonfinite)
+            if not allow_nonfinite:
+                source.check_finite()
         finally:
             if cleanup is not None:
                 if source is None:
@@ -317,6 +322,15 @@ class NpzSource:
     def __post_init__(self):
         self._x = None
         self._cleanup = None
+
+    def check_finite(self, chunk: int = 256) -> None:
+        """Refuse NaN/inf pixels before any run starts: one pass over the memory-mapped images, in
+        chunks, so the file is never held in memory (integers are skipped: always finite)."""
+        if not np.issubdtype(self.x_dtype, np.inexact):
+            return
+        x = np.memmap(self.x_file, self.x_dtype, "r", offset=self.x_offset, shape=self.x_shape)
+        for start in range(0, self.x_shape[0], chunk):
+            check_finite_array(self.path, "x", np.asarray(x[start:start + chunk]), first=start)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -352,7 +366,7 @@ class NpzSource:
         if self.image_dtype == np.uint8:
             return pixels
         pixels = pixels.astype(np.float32)
-        if not np.isfinite(pixels).all():
+        if not self.allow_nonfinite and not np.isfinite(pixels).all():
             where = tuple(int(i) for i in np.argwhere(~np.isfinite(pixels))[0])
             raise BadImage(f"{self.name_of(index)} has a non-finite pixel at {list(where)}: "
                            f"{pixels[where]!r}")
@@ -367,8 +381,11 @@ class NpzSource:
         return tuple(f"label_{k}" for k in range(self.labels.shape[1]))
 
 
-def open_source(spec: str | os.PathLike, image_size: int):
+def open_source(spec: str | os.PathLike, image_size: int, allow_nonfinite: bool = False):
     """The source named by a ``--data`` value: a folder, an ``.npz`` or an ``.array_record`` file.
+
+    ``allow_nonfinite`` lets NaN/inf pixels and labels of an .npz through (decoded images are
+    always finite).
 
     Raises:
       DataError: a missing path, an unknown kind of file, or what the source's ``open`` checks.
@@ -380,7 +397,7 @@ def open_source(spec: str | os.PathLike, image_size: int):
     if path.is_dir():
         return FolderSource.open(path, image_size)
     if path.suffix.lower() == ".npz":
-        return NpzSource.open(path, image_size)
+        return NpzSource.open(path, image_size, allow_nonfinite)
     if path.suffix.lower() == ARRAY_RECORD_SUFFIX:
         return ArrayRecordSource.open(path, image_size)
     raise DataError(f"data path {spec} is neither a folder, an .npz nor an {ARRAY_RECORD_SUFFIX} file")
