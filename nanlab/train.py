@@ -878,6 +878,28 @@ class _JaxNoticeOnce:
         return getattr(self._stdout, name)
 
 
+VALIDATION_METRICS = ("val_loss", "val_accuracy")
+
+
+def _check_validation(summary: dict[str, Any], rows: list[dict]) -> int:
+    """A run whose training stayed finite but whose validation metrics did not is never `ok`.
+
+    Returns:
+      EXIT_OK, or EXIT_NONFINITE with summary's status set to ``nonfinite-validation`` and one line
+      on stderr naming the first such step and metrics.
+    """
+    for row in rows:
+        bad = [key for key in VALIDATION_METRICS if key in row and not math.isfinite(row[key])]
+        if bad:
+            summary.update(status="nonfinite-validation", nonfinite_validation={"step": row["step"], "metrics": bad})
+            print(f"{PROG}: validation went non-finite at step {row['step']}: {', '.join(bad)} "
+                  f"= {', '.join(str(row[key]) for key in bad)} while training stayed finite; the validation "
+                  "data or the evaluation path holds a non-finite value (input_stats in summary.json)",
+                  file=sys.stderr)
+            return EXIT_NONFINITE
+    return EXIT_OK
+
+
 def _complete_summary(summary: dict[str, Any], rows: list[dict], exit_code: int, loop: _Loop,
                       wall_start: float) -> None:
     """Add the run's outcome to summary.json's payload: steps, wall time, and for a run that trained

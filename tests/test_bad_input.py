@@ -86,7 +86,7 @@ def test_every_data_error_exits_2_before_any_run_folder(tmp_path, monkeypatch, c
         (data / "c").mkdir()
         spec, message = data, f"class folder {data / 'c'} has no image files"
     elif case == "unreadable image":
-        _image_folder(data)
+        _image_folder(data, per_class=6)  # a training split larger than the batch: the image is met decoding
         (data / "b" / "9.png").write_bytes(b"not a png")
         spec, message = data, f"unreadable image {data / 'b' / '9.png'}"
     elif case == "bad npz":
@@ -112,7 +112,7 @@ def test_every_data_error_exits_2_before_any_run_folder(tmp_path, monkeypatch, c
         spec, message = write_npz(data / "x.npz", y=(11, np.nan)), "labels must lie in [0, 1], got y[11, 0] = nan (pass --allow-nonfinite-data"
     else:
         data.mkdir()
-        spec, message = write_npz(data / "x.npz", n=6), "--batch-size 8 is larger than the training set (5"
+        spec, message = write_npz(data / "x.npz", n=6), "batch size 8 is larger than the training set (5"
     code, err, created = _run_in_empty_folder(tmp_path, monkeypatch, capsys, _flags(data=spec))
     _assert_one_line(code, err, message)
     if case != "batch larger than data":

@@ -351,22 +351,21 @@ def test_npz_streams_the_in_memory_values(tmp_path, save):
     assert not list(tmp_path.glob("nanlab-npz-*"))  # temporary copies live elsewhere
 
 
-def test_npz_nonfinite_pixel_is_bad_input(tmp_path):
+def test_npz_nonfinite_pixel_is_bad_input_when_opened(tmp_path):
     x = np.full((12, 8, 8), 100.0, np.float32)
     x[5, 2, 3] = np.nan
     path = tmp_path / "nan.npz"
     np.savez(path, x=x, y=np.arange(12) % 2)
-    pipeline = streaming.open_stream(str(path), SIZE, seed=0, batch_size=2, workers=0)
-    with pytest.raises(data.DataError, match=r"x\[5\] has a non-finite pixel") as info:
-        for step in range(2 * pipeline.steps_per_epoch):
-            pipeline.batch_at(step)
-        list(pipeline.eval_batches())
-    _one_line(info.value)
-    skip = streaming.open_stream(str(path), SIZE, seed=0, batch_size=2, workers=0, on_bad_image="skip")
-    for step in range(2 * skip.steps_per_epoch):
-        assert np.isfinite(skip.batch_at(step)[0]).all()
-    list(skip.eval_batches())
-    assert list(skip.skipped) == [5]
+    # Refused when opened (before a run creates anything), whatever the bad-image policy.
+    for policy in ("error", "skip"):
+        with pytest.raises(data.DataError, match=r"x\[5, 2, 3\] = nan is not finite") as info:
+            streaming.open_stream(str(path), SIZE, seed=0, batch_size=2, workers=0, on_bad_image=policy)
+        _one_line(info.value)
+    # --allow-nonfinite-data: the NaN reaches the batches on purpose.
+    allowed = streaming.open_stream(str(path), SIZE, seed=0, batch_size=2, workers=0, allow_nonfinite=True)
+    images = [allowed.batch_at(step)[0] for step in range(allowed.steps_per_epoch)]
+    images += [x for x, _, _ in allowed.eval_batches()]
+    assert sum(int((~np.isfinite(i)).any()) for i in images) == 1
 
 
 @pytest.mark.parametrize(
