@@ -82,8 +82,8 @@ def inception_case(width: float, size: int, batch: int, seed: int = 0) -> dict[s
     variables = init_variables(model, jax.random.key(seed), (size, size, 3))
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
 
-    def step(state, batch):
-        params, batch_stats, opt_state = state
+    def loss_and_grads(state, batch):
+        params, batch_stats, _ = state
         x, y = batch
 
         def loss_fn(p):
@@ -91,21 +91,18 @@ def inception_case(width: float, size: int, batch: int, seed: int = 0) -> dict[s
                                       mutable=["batch_stats"])
             return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y)), new["batch_stats"]
 
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def step(state, batch):
+        params, _, opt_state = state
+        (loss, new_stats), grads = loss_and_grads(state, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), new_stats, opt_state), {"loss": loss}
 
     def own_step(state, batch, apply_update=True):
         """`step` with its own flag (nanlab's sentinel) and its update under lax.cond: the cheap path."""
-        params, batch_stats, opt_state = state
-        x, y = batch
-
-        def loss_fn(p):
-            logits, new = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                      mutable=["batch_stats"])
-            return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y)), new["batch_stats"]
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        params, _, opt_state = state
+        (loss, new_stats), grads = loss_and_grads(state, batch)
         finite = own_flag(loss, grads, new_stats)
 
         def update():

@@ -24,6 +24,7 @@ import pytest
 
 from nanlab import config as config_lib
 from nanlab import runlog, train
+from tests.cli_flags import train_argv
 
 TINY = {
     "model": "small_cnn",
@@ -43,17 +44,7 @@ TINY = {
 
 
 def _argv(workdir, **overrides):
-    flags = {**TINY, **overrides}
-    argv = ["--workdir", str(workdir)]
-    for key, value in flags.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is False:
-            argv.append("--no-" + key.replace("_", "-"))
-        else:
-            argv += [flag, str(value)]
-    return argv
+    return train_argv(workdir, {**TINY, **overrides})
 
 
 def _config(workdir, **overrides):

@@ -23,6 +23,8 @@ from PIL import Image
 from nanlab import config as config_lib
 from nanlab import runlog, streaming, train
 from nanlab.prefetch import Prefetcher
+from tests.cli_flags import train_argv
+from tests.test_train import _rows_without_timing as _metric_rows, compilation_cache  # noqa: F401
 
 TINY = {
     "model": "small_cnn",
@@ -46,16 +48,7 @@ def _config(workdir, **overrides):
 
 
 def _argv(workdir, **overrides):
-    argv = ["--workdir", str(workdir)]
-    for key, value in {**TINY, **overrides}.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is False:
-            argv.append("--no-" + key.replace("_", "-"))
-        else:
-            argv += [flag, str(value)]
-    return argv
+    return train_argv(workdir, {**TINY, **overrides})
 
 
 def _losses(workdir):
@@ -63,8 +56,7 @@ def _losses(workdir):
 
 
 def _rows_without_timing(workdir):
-    return [{k: v for k, v in row.items() if k != "images_per_s"}
-            for row in runlog.read_metrics(Path(workdir) / "metrics.jsonl")]
+    return _metric_rows(Path(workdir) / "metrics.jsonl")
 
 
 def _make_folder(root: Path, classes=("cat", "dog"), per_class=20, seed=0) -> Path:
@@ -78,17 +70,6 @@ def _make_folder(root: Path, classes=("cat", "dog"), per_class=20, seed=0) -> Pa
             pixels[..., c] //= 2
             Image.fromarray(pixels).save(root / name / f"{c}_{i:03d}.{'jpg' if i % 3 == 0 else 'png'}")
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("jax-cache"))
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield directory
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
 @pytest.fixture(scope="module")
