@@ -703,7 +703,10 @@ class _Loop:
     def run(self, state) -> int:
         """Train from `self.step` to --steps; returns the exit code (0, or 3 after a failure)."""
         with self.parts.feed.batches(self.step) as batches:
-            return self._run(state, batches)
+            try:
+                return self._run(state, batches)
+            except _NonFiniteState as error:
+                return self._fail_on_nonfinite_state(error)
 
     def _run(self, state, batches) -> int:
         import jax
@@ -766,8 +769,11 @@ class _Loop:
         return self.stop.exit_code
 
     def _save(self, step: int, state) -> None:
-        from nanlab.checkpoint import CheckpointError
+        from nanlab.checkpoint import CheckpointError, nonfinite_leaves
 
+        bad = nonfinite_leaves(state)
+        if bad:  # a bad value no update touched (planted before step 0, say): training failed, not the disk
+            raise _NonFiniteState(step, bad)
         try:
             self.checkpointer.save(step, state)
         except CheckpointError as error:  # a full disk, say: stop with one line, earlier checkpoints intact
@@ -820,6 +826,17 @@ class _Loop:
         self._fail_summary(self.step, quantities)
         return EXIT_NONFINITE
 
+    def _fail_on_nonfinite_state(self, error: "_NonFiniteState") -> int:
+        """The state due for a checkpoint holds NaN/Inf although every step was finite or skipped
+        (with --skip-nonfinite the skipped updates never touched it; the value was there before):
+        nothing is saved, exit 3. The first skipped step's report.json, if any, says where it shows."""
+        self.runlog.close()
+        shown = ", ".join(error.leaves[:3]) + (f" and {len(error.leaves) - 3} more" if len(error.leaves) > 3 else "")
+        print(f"{PROG}: the state at step {error.step} holds non-finite values ({shown}) that no update "
+              "wrote: not checkpointed; the run stops here", file=sys.stderr)
+        self._fail_summary(error.step, ["state"])
+        return EXIT_NONFINITE
+
     def _fail_summary(self, failed_step: int, quantities: list[str]) -> None:
         rows = self.runlog.rows
         self.summary.update(status="non-finite", failed_step=failed_step, nonfinite=quantities,
@@ -840,6 +857,14 @@ class _Loop:
         if _checkpoint_due(step, config):
             self._save(step, state)
         self.interval = (time.perf_counter(), step)
+
+
+class _NonFiniteState(Exception):
+    """Raised by `_Loop._save`: the state to checkpoint holds NaN/Inf (`leaves` names them)."""
+
+    def __init__(self, step: int, leaves: list[str]):
+        super().__init__(step, leaves)
+        self.step, self.leaves = step, leaves
 
 
 class _JaxNoticeOnce:
