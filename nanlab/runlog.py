@@ -254,9 +254,15 @@ class RunLog:
             plot_metrics(self.rows, self.workdir)
         print_summary(summary)
 
-    def close(self) -> None:
-        """Stop the progress bar and close the files (idempotent)."""
+    def close(self, *, clear: bool = False) -> None:
+        """Stop the progress bar and close the files (idempotent).
+
+        `clear`: erase the bar instead of leaving its last state on the terminal (a failure report
+        follows, and a stale 'train 1/200' line above it would say training was still going).
+        """
         if self._progress is not None:
+            if clear:
+                self._progress.live.transient = True  # rich erases a transient display when it stops
             self._progress.stop()
             self._progress = None
         if not self._file.closed:

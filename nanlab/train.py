@@ -799,7 +799,7 @@ class _Loop:
         if self.config.skip_nonfinite:
             state = state.replace(step=jnp.asarray(step, jnp.int32))
         else:
-            self.runlog.close()  # the run ends here: no progress bar under the report
+            self.runlog.close(clear=True)  # the run ends here: no progress bar under the report
         error = self._report(step, quantities, state, batch)
         if self.config.skip_nonfinite:
             self.first_event = {"step": step, "nonfinite": quantities, "cause": error.verdict.cause}
@@ -807,7 +807,7 @@ class _Loop:
 
     def _fail_on_jax_error(self, step: int, state, batch, error: FloatingPointError) -> int:
         """--debug-nans/--debug-infs raised inside `step` (its state was not donated): replay it, report, exit 3."""
-        self.runlog.close()
+        self.runlog.close(clear=True)
         self._report(step, [], state, batch, jax_error=str(error))
         self.summary.update(status="non-finite", failed_step=step, jax_error=str(error).splitlines()[0])
         return EXIT_NONFINITE
@@ -820,7 +820,7 @@ class _Loop:
     def _fail_on_update_overflow(self, state) -> int:
         """A logged step's update made the weights non-finite (an overflow inside the optimizer, which the
         step's sentinel does not check): the failure is the next step, the first to meet them."""
-        self.runlog.close()
+        self.runlog.close(clear=True)
         quantities = _nonfinite_quantities(None)
         self._report(self.step, quantities, state, self.parts.feed.batch_of(self.step))
         self._fail_summary(self.step, quantities)
@@ -830,7 +830,7 @@ class _Loop:
         """The state due for a checkpoint holds NaN/Inf although every step was finite or skipped
         (with --skip-nonfinite the skipped updates never touched it; the value was there before):
         nothing is saved, exit 3. The first skipped step's report.json, if any, says where it shows."""
-        self.runlog.close()
+        self.runlog.close(clear=True)
         shown = ", ".join(error.leaves[:3]) + (f" and {len(error.leaves) - 3} more" if len(error.leaves) > 3 else "")
         print(f"{PROG}: the state at step {error.step} holds non-finite values ({shown}) that no update "
               "wrote: not checkpointed; the run stops here", file=sys.stderr)

@@ -73,3 +73,28 @@ def test_every_plot_has_a_title_and_module_norms_are_one_labelled_row_each():
     finally:
         for fig in figures.values():
             plt.close(fig)
+
+
+def _terminal_bar(tmp_path, monkeypatch, clear):
+    import io
+
+    import rich.console
+    import rich.progress
+
+    screen = io.StringIO()
+    console = rich.console.Console(file=screen, force_terminal=True, width=100)
+    monkeypatch.setattr(rich.progress, "get_console", lambda: console)
+    (tmp_path / str(clear)).mkdir()
+    log = runlog.RunLog(tmp_path / str(clear), {}, total_steps=5, progress=True)
+    log.log({"step": 1, "loss": 0.5, "grad_norm": 1.0})
+    log.close(clear=clear)
+    return screen.getvalue()
+
+
+def test_a_failure_erases_the_progress_bar(tmp_path, monkeypatch):
+    erase_line = "\x1b[2K"
+    kept, cleared = _terminal_bar(tmp_path, monkeypatch, False), _terminal_bar(tmp_path, monkeypatch, True)
+    assert "1/5" in kept and "1/5" in cleared  # both drew the bar
+    # Closed for a failure, the bar's line is erased last (cursor up, erase), not left on screen.
+    assert erase_line in cleared.rsplit("1/5", 1)[1]
+    assert erase_line not in kept.rsplit("1/5", 1)[1]
