@@ -303,13 +303,15 @@ class GuardedStep:
         return self._calls
 
     def lower(self, state: Any, *args: Any):
-        """`jax.jit(...).lower` of the guarded executable, for inspection (cost analysis, HLO)."""
-        return self._jitted.lower(self._carry, state, *args)
+        """`jax.jit(...).lower` of the guarded executable: for inspection (cost analysis, HLO), or
+        ``.compile()`` ahead of the first call (arrays or `jax.ShapeDtypeStruct`s with the shardings
+        of that call's arguments; the first call then reuses the executable)."""
+        return self._jitted.lower(_carry_like(self._carry, state), state, *args)
 
     def _dispatch(self, state: Any, args: tuple) -> Any:
         index = self._calls
         try:
-            outputs, self._carry = self._jitted(self._carry, state, *args)
+            outputs, self._carry = self._jitted(_carry_like(self._carry, state), state, *args)
         except TypeError:
             _check_arrays((state, *args), self.static_argnums)
             raise
@@ -481,6 +483,20 @@ def replay_failure(fn: Callable, inputs: tuple, *, step: int, static_argnums: tu
         Path(workdir).mkdir(parents=True, exist_ok=True)
         write_json(Path(workdir) / "report.json", payload)
     return NonFiniteError(report, verdict, step=step, inputs=inputs, payload=payload)
+
+
+def _carry_like(carry: jax.Array, state: Any) -> jax.Array:
+    """The carry placed as the guarded call will return it: replicated over the state's mesh when the
+    state lives on one, else as it is. A fresh carry (the first call, or after a handled failure) is
+    on the default device; the call returns it replicated over the mesh, and a carry that changed
+    its placement between calls would retrace and compile the whole step a second time."""
+    if getattr(carry, "committed", True):
+        return carry
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return jax.device_put(carry, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    return carry
 
 
 def _argnums(value: int | Sequence[int], name: str) -> tuple[int, ...]:
