@@ -10,8 +10,8 @@ applies only the history rules (for runs that stall instead of going NaN, or whe
 | `bad-data` | the failing batch holds a NaN or Inf (or, without a batch, `report.bad_inputs` is not empty) |
 | `unscaled-inputs` | the batch's inputs reach max abs > `UNSCALED_MAX_ABS` (normalized inputs stay within a few units; raw 0-255 pixels do not) |
 | `learning-rate-too-high` | the batch is finite, parameters or optimizer state (`report.bad_inputs` paths naming `params`/`opt_state`) were non-finite on entry, and the history rules below find an update ratio >= `HIGH_UPDATE_RATIO` or an exploding grad norm: the previous update overflowed |
-| `nonfinite-state` | as above, but no update came before the failing step (`step == 0`, or no step given and no history rows): the state was non-finite from the start (initialization, a restored or imported checkpoint) |
-| `learning-rate-too-high` | as above, with updates before the failing step (`step > 0`, or history rows) and no sign in the history: one of them overflowed unchecked (steps without telemetry do not check their update) |
+| `nonfinite-state` | as above without that history sign, and either no update came before the failing step (`step == 0`, or no step given and no history rows) or a non-finite path names `opt_state` (moments average the gradients, no learning rate enters them, and non-finite gradients are reported at their own step): the state was non-finite from the start (initialization, a restored or imported checkpoint) |
+| `learning-rate-too-high` | as above, only parameters non-finite, with updates before the failing step (`step > 0`, or history rows) and no sign in the history: one of them overflowed unchecked (steps without telemetry do not check their update) |
 | `low-precision-overflow` | the origin is an overflow whose output dtype is float16 or bfloat16 |
 | `unstable-loss` | the origin sits outside every Flax module or in Keras's `compile_loss` scope (the loss) and is a log of 0 or of a negative, or a division by 0 — forward or in its gradient — typically log(sigmoid(x)) saturating |
 | `unstable-gradient` | the origin is in the backward pass and is not an overflow: a derivative undefined at its operand (sqrt or a norm at 0, log at 0 inside a module, 0*inf, inf-inf, a custom derivative's NaN constant), computed from finite operands |
@@ -297,10 +297,16 @@ def _nonfinite_state_verdict(state_paths: list[str], history: Sequence[Mapping[s
         # Steps that big before this one: the previous update overflowed the weights.
         return _verdict("learning-rate-too-high", f"{on_entry}: the previous update overflowed",
                         *from_history.evidence)
+    held = f"{_state_words(state_paths)} held NaN/Inf on entry ({shown})"
     if _first_step(step, history):
         # No update ran before, so none can have written them: they were non-finite from the start.
-        return _verdict("nonfinite-state", f"{_state_words(state_paths)} held NaN/Inf on entry to the "
-                                           f"run's first step, before any update ({shown})")
+        return _verdict("nonfinite-state", f"{held}, the run's first step: before any update")
+    if any("opt_state" in p for p in state_paths):
+        # The optimizer's moments are running averages of the gradients: no learning rate enters
+        # them, and a step whose gradients are non-finite is reported at that step. Moments that no
+        # huge gradient in the history explains were non-finite before the updates began.
+        return _verdict("nonfinite-state", held, "the optimizer state is built from the gradients alone "
+                        "(no learning rate enters it), and every earlier step's gradients were finite")
     # Updates ran before and the batch is clean, so one of them wrote the non-finite weights: an
     # overflow inside the optimizer (finite gradients times a huge step), which steps run without
     # telemetry do not check (nanlab.step) and the next step's loss catches.

@@ -103,6 +103,7 @@ def test_nonfinite_state_before_any_update():
         v = diagnose(make_report(bad_inputs=STATE_PATHS), batch=clean_batch(), **kwargs)
         assert v.cause == "nonfinite-state", kwargs
         assert "the parameters and the optimizer state" in v.evidence[0] and "['Conv_0']" in v.evidence[0]
+        assert "before any update" in v.evidence[0]
         assert "initialization" in v.fix and "checkpoint" in v.fix
     only_params = diagnose(make_report(bad_inputs=STATE_PATHS[:1]), batch=clean_batch(), step=0)
     assert only_params.evidence[0].startswith("the parameters held NaN/Inf")
@@ -116,13 +117,25 @@ def test_nonfinite_state_after_a_huge_update_is_learning_rate_too_high():
     assert "previous update overflowed" in v.evidence[0] and "update/param ratio" in v.evidence[1]
 
 
-def test_nonfinite_state_after_unlogged_updates_is_learning_rate_too_high():
+def test_nonfinite_params_after_unlogged_updates_are_learning_rate_too_high():
     # Step 3 with no logged row yet (--log-every 5): updates ran, and one of them wrote the NaN.
-    v = diagnose(make_report(bad_inputs=STATE_PATHS), batch=clean_batch(), history=[], step=3)
+    params = make_report(bad_inputs=STATE_PATHS[:1])
+    v = diagnose(params, batch=clean_batch(), history=[], step=3)
     assert v.cause == "learning-rate-too-high" and "previous update overflowed" in v.evidence[0]
     # Healthy logged rows, step unknown: the weights were written by updates all the same.
-    assert diagnose(make_report(bad_inputs=STATE_PATHS), batch=clean_batch(),
-                    history=healthy_history()).cause == "learning-rate-too-high"
+    assert diagnose(params, batch=clean_batch(), history=healthy_history()).cause == "learning-rate-too-high"
+
+
+def test_nonfinite_optimizer_state_after_updates_is_nonfinite_state():
+    # Adam's moments planted with an Inf: step 0's update writes it into the weights, step 1 fails
+    # with both non-finite. No learning rate enters the moments: they held it from the start.
+    v = diagnose(make_report(bad_inputs=STATE_PATHS), batch=clean_batch(), history=[], step=1)
+    assert v.cause == "nonfinite-state" and "no learning rate" in v.evidence[1]
+    # A huge gradient in the history does explain them.
+    history = healthy_history()
+    history[-1]["grad_norm"] = 1e20
+    assert diagnose(make_report(bad_inputs=STATE_PATHS), batch=clean_batch(), history=history,
+                    step=12).cause == "learning-rate-too-high"
 
 
 @pytest.mark.parametrize("module, cause", [("MLP/hidden", "zero-times-inf"), ("Net/norm", "sqrt-at-zero"),
