@@ -1,16 +1,20 @@
 """From a localization report, the failing batch and the run's history: a verdict and the fix to try.
 
-`diagnose(report, batch=None, history=None) -> Verdict` applies the rules below in order; the first
-that fires gives the verdict. `diagnose_history(history)` applies only the history rules (for runs
-that stall instead of going NaN, or when no report exists).
+`diagnose(report, batch=None, history=None, step=None) -> Verdict` applies the rules below in order;
+the first that fires gives the verdict. `step` is the failing step's number (0: no update came before
+it; None: unknown, and then an empty history stands for "no step before"). `diagnose_history(history)`
+applies only the history rules (for runs that stall instead of going NaN, or when no report exists).
 
 | verdict | rule (thresholds are the module constants) |
 | --- | --- |
 | `bad-data` | the failing batch holds a NaN or Inf (or, without a batch, `report.bad_inputs` is not empty) |
 | `unscaled-inputs` | the batch's inputs reach max abs > `UNSCALED_MAX_ABS` (normalized inputs stay within a few units; raw 0-255 pixels do not) |
-| `learning-rate-too-high` | the batch is finite but parameters or optimizer state (`report.bad_inputs` paths naming `params`/`opt_state`) were non-finite on entry: the previous update overflowed |
+| `learning-rate-too-high` | the batch is finite, parameters or optimizer state (`report.bad_inputs` paths naming `params`/`opt_state`) were non-finite on entry, and the history rules below find an update ratio >= `HIGH_UPDATE_RATIO` or an exploding grad norm: the previous update overflowed |
+| `nonfinite-state` | as above without that history sign, and either no update came before the failing step (`step == 0`, or no step given and no history rows) or a non-finite path names `opt_state` (moments average the gradients, no learning rate enters them, and non-finite gradients are reported at their own step): the state was non-finite from the start (initialization, a restored or imported checkpoint) |
+| `learning-rate-too-high` | as above, only parameters non-finite, with updates before the failing step (`step > 0`, or history rows) and no sign in the history: one of them overflowed unchecked (steps without telemetry do not check their update) |
 | `low-precision-overflow` | the origin is an overflow whose output dtype is float16 or bfloat16 |
 | `unstable-loss` | the origin sits outside every Flax module or in Keras's `compile_loss` scope (the loss) and is a log of 0 or of a negative, or a division by 0 — forward or in its gradient — typically log(sigmoid(x)) saturating |
+| `unstable-gradient` | the origin is in the backward pass and is not an overflow: a derivative undefined at its operand (sqrt or a norm at 0, log at 0 inside a module, 0*inf, inf-inf, a custom derivative's NaN constant), computed from finite operands |
 | `learning-rate-too-high` | the origin is an overflow in the 'update' phase, or a recent update/param ratio >= `HIGH_UPDATE_RATIO` |
 | `exploding-gradients` | the origin is an overflow in the backward pass, or the grad norm grew >= `GRAD_GROWTH` times over the last `WINDOW` rows, or reached `HUGE_GRAD_NORM` |
 | `vanishing-gradients` | the per-module grad norms of the latest row fall, from the output side to the input side, by a factor >= 1/`VANISH_RATIO` |
@@ -40,6 +44,10 @@ VANISH_RATIO = 1e-3  # input-side grad norm / output-side grad norm below this i
 WINDOW = 10  # recent history rows the trend rules look at
 
 _LOSS_CAUSES = frozenset({"log-of-zero", "log-of-negative", "division-by-zero"})
+# The state's trees that `report.bad_inputs` paths run through, in words.
+_STATE_TREES = {"params": "the parameters", "opt_state": "the optimizer state"}
+# The history verdicts that mean steps big enough to overflow an update.
+_OVERFLOWING_HISTORY = ("learning-rate-too-high", "exploding-gradients")
 _LOW_PRECISION = frozenset({"float16", "bfloat16"})
 
 FIXES: dict[str, str] = {
@@ -47,8 +55,13 @@ FIXES: dict[str, str] = {
     "unscaled-inputs": "normalize the inputs (e.g. --normalize standardize, or scale pixels to [0, 1])",
     "low-precision-overflow": "compute in float32 (or scale the loss / clip activations) where float16 "
                               "or bfloat16 overflows; keep reductions and the loss in float32",
+    "nonfinite-state": "the parameters/optimizer state held NaN/Inf before any update: check the "
+                       "initialization, or the checkpoint/weights they were restored or imported from",
     "unstable-loss": "use the logits form of the loss (nanlab.losses.sigmoid_binary_cross_entropy: "
                      "log_sigmoid, never log(sigmoid(x))); use the double where for log/sqrt",
+    "unstable-gradient": "a derivative is undefined at these operand values: keep the operand away from "
+                         "the singular point with the double where (jnp.where inside and outside), or "
+                         "give the function a custom_jvp with a defined derivative",
     "learning-rate-too-high": "lower the learning rate (or add warmup) and clip the update "
                               "(--clip global_norm:1.0)",
     "exploding-gradients": "clip gradients (--clip global_norm:1.0 or agc:0.01) and check the init "
@@ -202,13 +215,15 @@ def diagnose_history(history: Sequence[Mapping[str, Any]] | None) -> Verdict:
 
 # ------------------------------------------------------------------------------------------- diagnose
 
-def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]] | None = None) -> Verdict:
+def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]] | None = None,
+             step: int | None = None) -> Verdict:
     """Name the cause of a failure in the lab's vocabulary, with evidence and a fix.
 
     Args:
       report: a `nanlab.trace.Report` (or None: history rules only).
       batch: the failing batch: (x, y), a dict with 'x', or an array of inputs; optional.
       history: metrics.jsonl rows before the failure, oldest first; optional.
+      step: the failing step's number in the run (0: no update came before it); optional.
 
     Returns:
       A `Verdict` (rules and thresholds in the module docstring).
@@ -235,15 +250,9 @@ def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]
                             _report_line(report))
     elif found and report.bad_inputs:
         return _verdict("bad-data", "non-finite on entry: " + ", ".join(report.bad_inputs))
-    state_paths = [p for p in getattr(report, "bad_inputs", ()) if "params" in p or "opt_state" in p]
+    state_paths = [p for p in getattr(report, "bad_inputs", ()) if any(tree in p for tree in _STATE_TREES)]
     if found and state_paths:
-        # The batch is clean, so an earlier update wrote the non-finite weights: an overflow
-        # inside the optimizer (finite gradients times a huge step), which steps run without
-        # telemetry do not check (nanlab.step) and the next step's loss catches.
-        shown = ", ".join(state_paths[:3]) + (f" and {len(state_paths) - 3} more" if len(state_paths) > 3 else "")
-        return _verdict("learning-rate-too-high",
-                        f"the weights were already non-finite on entry ({shown}) while the batch "
-                        "was finite: the previous update overflowed")
+        return _nonfinite_state_verdict(state_paths, history, step)
 
     if origin is not None:
         dtypes = {s.get("dtype") for s in origin.outputs}
@@ -255,12 +264,17 @@ def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]
             saturated = ("the log's operand holds exact zeros: a saturated sigmoid (or 1 - sigmoid)"
                          if origin.cause == "log-of-zero" else "")
             return _verdict("unstable-loss", _report_line(report), saturated)
+        # A backward root is computed from finite values only (the forward pass and the incoming
+        # cotangent were finite), so anything but an overflow is a derivative undefined there.
+        if origin.phase == "backward" and origin.cause != "overflow":
+            return _verdict("unstable-gradient", _report_line(report),
+                            "born in the gradient computation from finite operands (not an overflow)")
         if origin.cause == "overflow" and origin.phase == "update":
             return _verdict("learning-rate-too-high", _report_line(report),
                             "the parameter update itself overflowed")
 
     from_history = diagnose_history(history)
-    if from_history.cause in ("learning-rate-too-high", "exploding-gradients"):
+    if from_history.cause in _OVERFLOWING_HISTORY:
         from_history.evidence.append(_report_line(report))
         from_history.evidence[:] = [e for e in from_history.evidence if e]
         return from_history
@@ -271,6 +285,44 @@ def diagnose(report: Any, batch: Any = None, history: Sequence[Mapping[str, Any]
     if found:
         return _verdict("unknown", _report_line(report))
     return from_history
+
+
+def _nonfinite_state_verdict(state_paths: list[str], history: Sequence[Mapping[str, Any]] | None,
+                             step: int | None) -> Verdict:
+    """The batch is clean but the weights or optimizer state were non-finite on entry: who wrote them."""
+    shown = ", ".join(state_paths[:3]) + (f" and {len(state_paths) - 3} more" if len(state_paths) > 3 else "")
+    on_entry = f"the weights were already non-finite on entry ({shown}) while the batch was finite"
+    from_history = diagnose_history(history)
+    if from_history.cause in _OVERFLOWING_HISTORY:
+        # Steps that big before this one: the previous update overflowed the weights.
+        return _verdict("learning-rate-too-high", f"{on_entry}: the previous update overflowed",
+                        *from_history.evidence)
+    held = f"{_state_words(state_paths)} held NaN/Inf on entry ({shown})"
+    if _first_step(step, history):
+        # No update ran before, so none can have written them: they were non-finite from the start.
+        return _verdict("nonfinite-state", f"{held}, the run's first step: before any update")
+    if any("opt_state" in p for p in state_paths):
+        # The optimizer's moments are running averages of the gradients: no learning rate enters
+        # them, and a step whose gradients are non-finite is reported at that step. Moments that no
+        # huge gradient in the history explains were non-finite before the updates began.
+        return _verdict("nonfinite-state", held, "the optimizer state is built from the gradients alone "
+                        "(no learning rate enters it), and every earlier step's gradients were finite")
+    # Updates ran before and the batch is clean, so one of them wrote the non-finite weights: an
+    # overflow inside the optimizer (finite gradients times a huge step), which steps run without
+    # telemetry do not check (nanlab.step) and the next step's loss catches.
+    return _verdict("learning-rate-too-high", f"{on_entry}: the previous update overflowed")
+
+
+def _first_step(step: int | None, history: Sequence[Mapping[str, Any]] | None) -> bool:
+    """Whether no update came before the failing step: step 0, or (step unknown) no history row."""
+    # Without the step number, an empty history is the only sign; rows are logged only every few
+    # steps, so callers that know the step should pass it.
+    return step == 0 if step is not None else not history
+
+
+def _state_words(state_paths: list[str]) -> str:
+    """'the parameters', 'the optimizer state' or both, after the trees the paths run through."""
+    return " and ".join(words for tree, words in _STATE_TREES.items() if any(tree in p for p in state_paths))
 
 
 def _in_loss(module: str) -> bool:

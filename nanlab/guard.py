@@ -470,7 +470,7 @@ def replay_failure(fn: Callable, inputs: tuple, *, step: int, static_argnums: tu
                              allow=allow)
     args = _dynamic(inputs, static_argnums)[1:]
     batch = args[0] if len(args) == 1 else args
-    verdict = diagnose.diagnose(report, batch=jax.device_get(batch), history=list(history or ()))
+    verdict = diagnose.diagnose(report, batch=jax.device_get(batch), history=list(history or ()), step=step)
     payload = {"step": step, "function": name, **(extra or {}), "report": report.to_dict(),
                "verdict": verdict.to_dict()}
     if verbose:

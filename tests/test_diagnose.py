@@ -94,6 +94,84 @@ def test_learning_rate_too_high_from_an_overflowing_update():
     assert diagnose(make_report(event)).cause == "learning-rate-too-high"
 
 
+STATE_PATHS = ["[0].params['Conv2']['Conv_0']['kernel']", "[0].opt_state[0].mu['Conv1']['kernel']"]
+
+
+def test_nonfinite_state_before_any_update():
+    # The weights are non-finite on entry to the run's first step: no update can have written them.
+    for kwargs in ({"history": []}, {"step": 0}, {"step": 0, "history": healthy_history()[:0]}):
+        v = diagnose(make_report(bad_inputs=STATE_PATHS), batch=clean_batch(), **kwargs)
+        assert v.cause == "nonfinite-state", kwargs
+        assert "the parameters and the optimizer state" in v.evidence[0] and "['Conv_0']" in v.evidence[0]
+        assert "before any update" in v.evidence[0]
+        assert "initialization" in v.fix and "checkpoint" in v.fix
+    only_params = diagnose(make_report(bad_inputs=STATE_PATHS[:1]), batch=clean_batch(), step=0)
+    assert only_params.evidence[0].startswith("the parameters held NaN/Inf")
+
+
+def test_nonfinite_state_after_a_huge_update_is_learning_rate_too_high():
+    history = healthy_history()
+    history[-1]["update_ratio"] = 5 * HIGH_UPDATE_RATIO
+    v = diagnose(make_report(bad_inputs=STATE_PATHS), batch=clean_batch(), history=history)
+    assert v.cause == "learning-rate-too-high"
+    assert "previous update overflowed" in v.evidence[0] and "update/param ratio" in v.evidence[1]
+
+
+def test_nonfinite_params_after_unlogged_updates_are_learning_rate_too_high():
+    # Step 3 with no logged row yet (--log-every 5): updates ran, and one of them wrote the NaN.
+    params = make_report(bad_inputs=STATE_PATHS[:1])
+    v = diagnose(params, batch=clean_batch(), history=[], step=3)
+    assert v.cause == "learning-rate-too-high" and "previous update overflowed" in v.evidence[0]
+    # Healthy logged rows, step unknown: the weights were written by updates all the same.
+    assert diagnose(params, batch=clean_batch(), history=healthy_history()).cause == "learning-rate-too-high"
+
+
+def test_nonfinite_optimizer_state_after_updates_is_nonfinite_state():
+    # Adam's moments planted with an Inf: step 0's update writes it into the weights, step 1 fails
+    # with both non-finite. No learning rate enters the moments: they held it from the start.
+    v = diagnose(make_report(bad_inputs=STATE_PATHS), batch=clean_batch(), history=[], step=1)
+    assert v.cause == "nonfinite-state" and "no learning rate" in v.evidence[1]
+    # A huge gradient in the history does explain them.
+    history = healthy_history()
+    history[-1]["grad_norm"] = 1e20
+    assert diagnose(make_report(bad_inputs=STATE_PATHS), batch=clean_batch(), history=history,
+                    step=12).cause == "learning-rate-too-high"
+
+
+@pytest.mark.parametrize("module, cause", [("MLP/hidden", "zero-times-inf"), ("Net/norm", "sqrt-at-zero"),
+                                           ("", "non-finite-constant"), ("", "inf-minus-inf")])
+def test_unstable_gradient_from_a_backward_root_that_is_not_an_overflow(module, cause):
+    event = make_event(primitive="mul", module=module, phase="backward", cause=cause)
+    v = diagnose(make_report(event), batch=clean_batch(), history=healthy_history())
+    assert v.cause == "unstable-gradient"
+    assert v.evidence[0].startswith(f"trace: {cause} at mul (backward)") and "double where" in v.fix
+    # The same cause in the forward pass is not a gradient's.
+    forward = make_event(primitive="mul", module=module, phase="forward", cause=cause)
+    assert diagnose(make_report(forward), batch=clean_batch()).cause != "unstable-gradient"
+
+
+def test_loss_side_log_of_zero_in_the_gradient_stays_unstable_loss():
+    event = make_event(primitive="div", module="", phase="backward", cause="log-of-zero")
+    assert diagnose(make_report(event), batch=clean_batch(), history=healthy_history()).cause == "unstable-loss"
+    # Inside a module the same derivative is the model's, not the loss's.
+    event = make_event(primitive="div", module="Net/head", phase="backward", cause="log-of-zero")
+    assert diagnose(make_report(event), batch=clean_batch()).cause == "unstable-gradient"
+
+
+def test_backward_overflow_is_not_an_unstable_gradient():
+    event = make_event(primitive="dot_general", module="MLP/hidden", phase="backward", cause="overflow")
+    assert diagnose(make_report(event), batch=clean_batch(), history=healthy_history()).cause == "exploding-gradients"
+
+
+def test_end_to_end_sqrt_gradient_at_zero_is_an_unstable_gradient():
+    def distance_loss(x):
+        return jnp.sqrt(jnp.sum(x ** 2))  # finite at 0, its gradient is not
+
+    report = localize(jax.value_and_grad(distance_loss), jnp.zeros(3))
+    v = diagnose(report, batch=clean_batch(), history=healthy_history())
+    assert report.origin.phase == "backward" and v.cause == "unstable-gradient", (str(report), str(v))
+
+
 def test_exploding_gradients_from_grad_norm_growth():
     history = healthy_history()
     for i, row in enumerate(history):

@@ -14,6 +14,9 @@ anything else). Print the matrix with
 A value planted in the parameters or optimizer state before step 0 with --skip-nonfinite makes
 every step skip (correctly untouched); the state due for a checkpoint still holds it, so the run
 stops there with exit 3 (status non-finite, nothing saved) after reporting the first skipped step.
+Either way the verdict is `nonfinite-state` (report.json is step 0's, or step 1's where step 0's update
+carried planted moments into the weights: no learning rate enters the moments); the NaN
+derivative's is `unstable-gradient`.
 """
 
 import json
@@ -117,6 +120,16 @@ EXPECTED = {
     "optimizer state": {False: (3, "non-finite", ["gradients", "BatchNorm statistics"]),
                         True: (3, "non-finite", [])},
 }
+# place -> report.json's verdict (both skip modes; with --skip-nonfinite, the first skipped step's).
+# A value planted before step 0 was there before any update (not a learning rate's doing); a NaN
+# derivative is born in the backward pass from finite values.
+VERDICT = {
+    "training labels": "bad-data",
+    "training images": "bad-data",
+    "params": "nonfinite-state",
+    "optimizer state": "nonfinite-state",
+    "gradient": "unstable-gradient",
+}
 FAST = ["training images, not allowed", "training labels", "params", "gradient"]
 SLOW = ["training images", "validation data", "optimizer state"]
 
@@ -136,8 +149,13 @@ def test_matrix(tmp_path, monkeypatch, capsys, place, skip):
     assert finite_checkpoint in (True, None)  # a checkpoint never holds a bad value
     if want_nonfinite is not None:
         assert report["nonfinite"] == want_nonfinite
-    if place.startswith("training") and want_code != 2:
-        assert report["verdict"]["cause"] == "bad-data"  # the planted input is named as the cause
+    if place in VERDICT:
+        assert report["verdict"]["cause"] == VERDICT[place], report["verdict"]
+    if place in ("params", "optimizer state"):
+        # Reported where it first showed: step 0, except Adam's planted moments without skipping,
+        # which step 0's update carries into the weights and step 1's loss meets.
+        assert report["step"] == (1 if place == "optimizer state" and not skip else 0)
+        assert ("['Conv2']" if place == "params" else ".mu['Conv1']") in report["verdict"]["evidence"][0]
     if skip and want_code == 0:
         assert summary["skipped_steps"] > 0 and finite_checkpoint is True  # the final state is finite
     if skip and place in ("params", "optimizer state"):
