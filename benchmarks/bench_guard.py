@@ -25,7 +25,11 @@ isfinite, and its update under ``lax.cond`` on that flag and an ``apply_update``
 alone as "own flag (jit)" and guarded as "guard own flag" (``guard(own_step, donate_argnums=0,
 finite=..., gate_kwarg="apply_update")``, as ``python -m nanlab.train`` runs its step),
 jax_debug_nans (not donated: it re-runs a failing call on its arguments) and checkify float_checks
-(error fetched every step).
+(error fetched every step). On the NNX step also the cheap path gated by a select
+(`nanlab.guard.gate`) instead of ``lax.cond``: "own flag select (jit)" and "guard own flag select".
+Two references: output flag only (jit) (the plain step and the guard's
+flag over its outputs, no gate: one read of every output, the floor of any sound output scan) and
+plain undonated (the plain step without donation: what jax_debug_nans' figure is relative to).
 Each variant's time is one call through to a ready state (`block_until_ready`), so the guard's
 host-side work is inside it.
 
@@ -57,13 +61,14 @@ from jax.experimental import checkify
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ as a package
 
 from benchmarks.bench_sentinel import write  # noqa: E402  (print the table, and write it with --out)
-from nanlab.guard import NonFiniteError, guard  # noqa: E402
+from nanlab.guard import NonFiniteError, gate, guard, outputs_finite  # noqa: E402
 from nanlab.machine import cpu_model  # noqa: E402
 from nanlab.numerics import finite_from_sq_norm, tree_sq_norm  # noqa: E402
 from nanlab.stats import bootstrap_ci  # noqa: E402
 
 VARIANTS = ("plain (again)", "guard", "guard check_every=10", "own flag (jit)", "guard own flag",
-            "jax_debug_nans", "checkify float_checks")
+            "jax_debug_nans", "checkify float_checks", "output flag only (jit)", "plain undonated",
+            "own flag select (jit)", "guard own flag select")
 MODELS = ("inception", "nnx")
 
 
@@ -119,6 +124,7 @@ def inception_case(width: float, size: int, batch: int, seed: int = 0) -> dict[s
         return (params, state[1], state[2])
 
     return {"step": step, "own_step": own_step, "state": state, "batch": (x, y), "plant": plant,
+            "skip": ("own flag select (jit)", "guard own flag select"),  # written for the NNX step only
             "about": f"InceptionV3 width {width}, {size}x{size}, batch {batch}, SGD momentum"}
 
 
@@ -177,6 +183,16 @@ def nnx_case(width: int = 256, hidden: int = 1024, blocks: int = 4, tokens: int 
 
         return lax.cond(finite & apply_update, update, lambda: state), {"loss": loss, "finite": finite}
 
+    def own_step_select(state, batch, apply_update=True):
+        """`own_step` gating with `nanlab.guard.gate` (a select) instead of lax.cond: the flag is known
+        before the update, so XLA can fuse the select into Adam's elementwise pass over the state."""
+        model, optimizer = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+        x, y = batch
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        finite = own_flag(loss, grads)
+        optimizer.update(model, grads)
+        return gate(finite & apply_update, nnx.state((model, optimizer)), state), {"loss": loss, "finite": finite}
+
     def plant(state):
         """The state with the second block's down-projection kernel at 3e38: its matmul overflows."""
         model, optimizer = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
@@ -185,8 +201,8 @@ def nnx_case(width: int = 256, hidden: int = 1024, blocks: int = 4, tokens: int 
 
     # checkify cannot run it: NNX refuses to mutate a Variable from checkify's trace level
     # (flax.errors.TraceContextError), whether the gradient is nnx's or jax's.
-    return {"step": step, "own_step": own_step, "state": state, "batch": (x, y), "plant": plant,
-            "skip": ("checkify float_checks",),
+    return {"step": step, "own_step": own_step, "own_step_select": own_step_select, "state": state,
+            "batch": (x, y), "plant": plant, "skip": ("checkify float_checks",),
             "about": f"NNX MLP stack {blocks} x ({width} -> {hidden} -> {width}), {tokens} tokens, Adam"}
 
 
@@ -199,7 +215,8 @@ def own_flag(loss: jax.Array, grads: Any, *more: Any) -> jax.Array:
 # ------------------------------------------------------------------------------------------ the timing
 
 
-def steppers(step: Callable, own_step: Callable, batch: Any, variants: list[str]) -> dict[str, Callable[[Any], Any]]:
+def steppers(step: Callable, own_step: Callable, batch: Any, variants: list[str],
+             own_step_select: Callable | None = None) -> dict[str, Callable[[Any], Any]]:
     """Variant name -> ``state -> new state`` (one call of that variant)."""
     plain = jax.jit(step, donate_argnums=0)
     own = jax.jit(own_step, donate_argnums=0)
@@ -210,6 +227,9 @@ def steppers(step: Callable, own_step: Callable, batch: Any, variants: list[str]
     guarded = guard(step, donate_argnums=0, verbose=False)
     guarded_10 = guard(step, donate_argnums=0, check_every=10, verbose=False)
     checked = jax.jit(checkify.checkify(step, errors=checkify.float_checks), donate_argnums=0)
+    # The floor of any sound output scan: the plain step plus one reduction that reads every
+    # output once (the guard's flag, without its gate); no guard can check the outputs for less.
+    flag_only = jax.jit(lambda s, b: (lambda out: (out, outputs_finite(out)))(step(s, b)), donate_argnums=0)
 
     def debug_nans(s):
         with jax.debug_nans(True):
@@ -228,14 +248,26 @@ def steppers(step: Callable, own_step: Callable, batch: Any, variants: list[str]
         "own flag (jit)": lambda s: own(s, batch)[0],
         "guard own flag": lambda s: guarded_own(s, batch)[0],
         "jax_debug_nans": debug_nans,
+        "output flag only (jit)": lambda s: flag_only(s, batch)[0][0],
+        **(_select_steppers(own_step_select, batch) if own_step_select is not None else {}),
+        "plain undonated": lambda s: undonated(s, batch)[0],
         "checkify float_checks": checkified,
     }
     return {name: fn for name, fn in every.items() if name == "plain" or name in variants}
 
 
+def _select_steppers(own_step_select: Callable, batch: Any) -> dict[str, Callable[[Any], Any]]:
+    """The own-flag step gated by a select, jitted alone and guarded."""
+    own = jax.jit(own_step_select, donate_argnums=0)
+    guarded = guard(own_step_select, donate_argnums=0, finite=lambda outputs: outputs[1]["finite"],
+                    gate_kwarg="apply_update", verbose=False)
+    return {"own flag select (jit)": lambda s: own(s, batch)[0],
+            "guard own flag select": lambda s: guarded(s, batch)[0]}
+
+
 def time_variants(case: dict[str, Any], rounds: int, variants: list[str], seed: int = 0) -> dict[str, Any]:
     runs = steppers(case["step"], case["own_step"], case["batch"],
-                    [v for v in variants if v not in case.get("skip", ())])
+                    [v for v in variants if v not in case.get("skip", ())], case.get("own_step_select"))
     states = {name: jax.tree.map(jnp.copy, case["state"]) for name in runs}  # donation consumes each
 
     def timed(name: str) -> float:

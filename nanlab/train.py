@@ -238,15 +238,6 @@ class _Placer:
     def state(self, tree):
         return tree if self.mesh is None else self._data.replicate(tree, self.mesh)
 
-    def state_spec(self, spec):
-        """What `state` makes of a state with these `jax.ShapeDtypeStruct`s, as specs (no arrays)."""
-        import jax
-
-        if self.mesh is None:
-            return spec  # init's outputs stay where JAX put them, uncommitted
-        sharding = self._data.replicated(self.mesh)
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), spec)
-
 
 class _Feed:
     """The loop's batches, placed on the devices and normalized: built-in data in memory, or a stream.
@@ -635,62 +626,6 @@ def _guard_step(config: config_lib.TrainConfig, fns: _StepFns):
                  finite=step_lib.guard_flag, gate_kwarg="apply_update")
 
 
-class _CompileAhead:
-    """Compiles the guarded train step in a background thread while the main thread initializes.
-
-    XLA compiles a program on one core and releases the GIL while it does, so on a machine with two
-    or more cores the step's compile (the longest of a run: ~20 s for the cpu preset here) overlaps
-    the init's compile and run, the data and the other programs; `wait` joins it before the first
-    step, which then finds its executable in JAX's in-memory cache instead of compiling it again.
-
-    The specs must be those of the first call exactly (shapes, dtypes and, when placed on a mesh,
-    shardings), or the first call compiles again. So this runs only for a fresh run (a restored
-    state's placement is orbax's) and not under --debug-nans/--debug-infs (a thread-local JAX
-    option that is part of the executable's key).
-    """
-
-    def __init__(self, guarded, state_spec, batch):
-        import threading
-
-        import jax
-
-        batch_spec = jax.tree.map(_array_spec, batch)
-        self.error: BaseException | None = None
-
-        def compile_step():
-            try:
-                guarded.lower(state_spec, batch_spec).compile()
-            except BaseException as error:  # the first step compiles (and raises) in the main thread
-                self.error = error
-
-        self._thread = threading.Thread(target=compile_step, name="nanlab-compile-step", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        self._thread.join()
-
-
-def _array_spec(array):
-    """The `jax.ShapeDtypeStruct` a jitted call sees for `array`: with its sharding when committed
-    (placed on a mesh), without one when not (JAX then picks the default device, as for the call)."""
-    import jax
-
-    committed = getattr(array, "committed", False)
-    return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding if committed else None)
-
-
-def _compile_ahead(config: config_lib.TrainConfig, parts: _Parts, guarded) -> _CompileAhead | None:
-    """Start compiling the guarded step for a fresh run's first call (None when it cannot be
-    known exactly: --resume, --debug-nans/--debug-infs)."""
-    import jax
-
-    if config.resume or config.debug_nans or config.debug_infs:
-        return None
-    # The init's output shapes, traced once: the init call that follows reuses the trace.
-    state_spec = parts.placer.state_spec(jax.eval_shape(parts.init, parts.sample_x))
-    return _CompileAhead(guarded, state_spec, parts.feed.batch_of(0))
-
-
 def _run(config: config_lib.TrainConfig) -> int:
     import jax
 
@@ -721,7 +656,6 @@ def _run(config: config_lib.TrainConfig) -> int:
         resources.push(lambda kind, *_: checkpointer.remove_temporary() if kind is KeyboardInterrupt else None)
         fns = _step_fns(config, parts)
         guarded = _guard_step(config, fns)
-        ahead = _compile_ahead(config, parts, guarded)  # overlaps the init below
         start_step, state = _initial_state(config, parts, checkpointer)
         _check_data_state(workdir, config, pipeline, start_step)
         summary: dict[str, Any] = {
@@ -741,8 +675,6 @@ def _run(config: config_lib.TrainConfig) -> int:
               f"inputs raw {_fmt_stats(parts.input_stats['raw'])} -> normalized "
               f"{_fmt_stats(parts.input_stats['normalized'])}", file=sys.stderr)
         loop = _Loop(config, workdir, parts, fns, guarded, runlog, checkpointer, summary, start_step)
-        if ahead is not None:
-            ahead.wait()  # the first step must not compile the same program a second time
         with StopOnSignal() as loop.stop:
             exit_code = loop.run(state)
         if parts.feed.summary() is not None:
