@@ -31,6 +31,9 @@ ON_BAD_IMAGE = ("error", "skip")  # what a streamed run does with an unreadable 
 DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh")
 MODELS = ("inception_v3", "small_cnn")
+# InceptionV3's convolution formulations (`nanlab.models.conv`): auto is "fast" on CPU, "xla" elsewhere;
+# "tuned" times each convolution shape's formulations on this machine at first use and caches the picks.
+CONV_IMPLS = ("auto", "fast", "xla", "tuned")
 LOSSES = (
     "sigmoid_binary_cross_entropy",
     "naive_sigmoid_binary_cross_entropy",
@@ -82,6 +85,7 @@ class TrainConfig:
     hidden_activation: str = "relu"
     use_batchnorm: bool = True
     dtype: str = "float32"
+    conv_impl: str = "auto"  # tuned: per convolution shape, the formulation measured fastest here (opt-in)
     dropout_rate: float = 0.0
     bn_recalibration_batches: int = 8  # training batches whose BatchNorm moments evaluation uses
     # Loss and optimizer.
@@ -252,6 +256,7 @@ def validate(config: TrainConfig) -> None:
     _check_choice("hidden_activation", config.hidden_activation, HIDDEN_ACTIVATIONS)
     _check_choice("loss", config.loss, LOSSES)
     _check_choice("model", config.model, MODELS)
+    _check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
     _check_choice("on_bad_image", config.on_bad_image, ON_BAD_IMAGE)
     for name in ("steps", "batch_size", "num_train", "num_val", "log_every", "keep_checkpoints"):
         _check_positive(name, getattr(config, name))

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batchnorm", dest="use_batchnorm", action=argparse.BooleanOptionalAction, default=None,
         help=f"BatchNorm after each convolution ({d('use_batchnorm')})")
     add("--dtype", help=f"compute dtype: {', '.join(config_lib.DTYPES)} ({d('dtype')})")
+    add("--conv-impl", help=f"InceptionV3's convolution formulations: {', '.join(config_lib.CONV_IMPLS)}; tuned "
+        "times each convolution shape's formulations on this machine at first use (tens of seconds) and "
+        f"caches the picks under the user's cache directory (NANLAB_CONV_TUNING moves it) ({d('conv_impl')})")
     add("--dropout-rate", type=float, help=f"dropout before the head ({d('dropout_rate')})")
     add("--bn-recalibration-batches", type=int, help="evaluate with BatchNorm moments recomputed on this many "
         f"training batches under the current weights (precise BN); 0: the running averages ({d('bn_recalibration_batches')})")
@@ -520,13 +523,31 @@ def _build_parts(config: config_lib.TrainConfig, pipeline=None) -> _Parts:
         feed = _Feed(config, placer, pipeline=pipeline, normalizer=normalizer)
         num_classes, image_shape = pipeline.num_classes, pipeline.image_shape
     model = models.build(config, num_classes)
+    sample_x = jnp.zeros((config.batch_size,) + tuple(image_shape), jnp.float32)
+    if config.conv_impl == "tuned" and config.model == "inception_v3":
+        _tune_convolutions(model, sample_x)
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
-    sample_x = jnp.zeros((config.batch_size,) + tuple(image_shape), jnp.float32)
     # Runs once per run: compiled without XLA's optimization passes (see compile_cache).
     init = jax.jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed),
                    compiler_options=compile_cache.RUN_ONCE_OPTIONS)
     return _Parts(feed, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
+
+
+def _tune_convolutions(model, sample_x) -> None:
+    """--conv-impl tuned: time the formulations of each convolution shape of the training step that
+    this machine's cache lacks, and activate the picks for the step traced next (one line on stderr)."""
+    import jax
+
+    from nanlab.models import conv_tuning
+
+    start, path = time.perf_counter(), conv_tuning.default_path()
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample_x)
+    table, timed = conv_tuning.ensure_tuned(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, sample_x, path=path)
+    print(f"{PROG}: --conv-impl tuned: {len(table)} convolution shapes, {timed} timed now "
+          f"({time.perf_counter() - start:.0f} s), the rest from {path or 'nowhere (tuning cache off)'}",
+          file=sys.stderr)
 
 
 def _check_data_state(workdir: Path, config: config_lib.TrainConfig, pipeline, start_step: int) -> None:

@@ -252,6 +252,7 @@ def test_four_simulated_devices_give_the_same_loss_as_one(tmp_path):
         (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
         (["--batch-size", "512", "--num-train", "256"], "--batch-size 512 is larger than the training set (256"),
         (["--data", "/nonexistent/data.npz"], "--data /nonexistent/data.npz"),
+        (["--conv-impl", "cudnn"], "--conv-impl 'cudnn'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags, message):
@@ -367,3 +368,38 @@ def test_inception_sigmoid_hidden_stalls_with_vanishing_gradients_verdict(tmp_pa
     assert train.run(_config(workdir, **INCEPTION, scenario="sigmoid-hidden", steps=40)) == 0
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["verdict"]["cause"] == "vanishing-gradients"
+
+
+def test_conv_impl_tuned_tunes_what_the_cache_lacks_then_reads_the_cache(tmp_path, monkeypatch, capsys):
+    """--conv-impl tuned: the training step's convolution shapes are timed once (here by a stand-in
+    for the timing, which takes tens of seconds), saved in the tuning cache and activated; a second
+    run of the same shapes times nothing and activates the cached picks."""
+    import jax.numpy as jnp
+
+    from nanlab import models
+    from nanlab.models import conv_tuning
+
+    cache = tmp_path / "conv-tuning.json"
+    monkeypatch.setenv(conv_tuning.ENV_VAR, str(cache))
+    timed = []
+
+    def stand_in(keys, **kwargs):
+        timed.extend(keys)
+        return {key: "fast:taps" for key in keys}
+
+    monkeypatch.setattr(conv_tuning, "tune", stand_in)
+    config = config_lib.make_config({"width_multiplier": 0.125, "conv_impl": "tuned"}, backend="cpu")
+    model = models.build(config, 2)
+    assert model.conv_impl == "tuned"
+    sample_x = jnp.zeros((2, 75, 75, 3))
+    try:
+        train._tune_convolutions(model, sample_x)
+        first = conv_tuning.active()
+        assert len(timed) == len(first) > 20 and set(first.values()) == {"fast:taps"}
+        assert cache.exists() and "timed now" in capsys.readouterr().err
+        timed.clear()
+        train._tune_convolutions(model, sample_x)
+        assert timed == [] and conv_tuning.active() == first
+        assert "0 timed now" in capsys.readouterr().err
+    finally:
+        conv_tuning.activate({})  # later models trace with the fixed choices again

@@ -34,7 +34,7 @@ def model_knobs(config: Any, num_classes: int) -> dict[str, Any]:
 def _inception_v3(config: Any, num_classes: int):
     from nanlab.models.inception_v3 import InceptionV3
 
-    return InceptionV3(**model_knobs(config, num_classes))
+    return InceptionV3(**model_knobs(config, num_classes), conv_impl=config.conv_impl)
 
 
 def _small_cnn(config: Any, num_classes: int):
