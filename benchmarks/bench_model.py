@@ -6,6 +6,8 @@ Run from the repository root (Keras is in the `bench` and `test` extras):
     .venv/bin/python benchmarks/bench_model.py --quick     # a small smoke check (a minute)
     .venv/bin/python benchmarks/bench_model.py --full      # GPU sizes: bf16, larger batches
     .venv/bin/python benchmarks/bench_model.py --conv-shapes --image-size 299 --batch 8
+    .venv/bin/python benchmarks/bench_model.py --profile --impls fast   # where the step's time goes
+    .venv/bin/python benchmarks/bench_model.py --max-pool-ablation      # the max-pool gradient's gain
 
 One invocation builds, per setting, nanlab's InceptionV3 (binary head, sigmoid BCE, Adam; one
 jitted train step) with `conv_impl="fast"` and with `conv_impl="xla"` (the ablation), and
@@ -23,6 +25,12 @@ in the same invocation, each in its own process (`benchmarks/peer_models.py`, wi
 or this interpreter; install them with the `peers` extra) after nanlab's rounds of each setting;
 the bench says which peers it skipped. The machine's float32 matmul rate is measured first, in the
 same invocation, and every contestant's train GFLOP/s is given as a share of it.
+
+`--profile` instead traces nanlab's train step (each of `--impls`, each setting) with
+`jax.profiler`, maps every XLA kernel event to its HLO instruction, classes the instruction by
+what it computes (convolution, matmul, max-pool and its gradient, reductions, the iota index maps
+of the max-pool gradient, layout changes, elementwise) and prints thread-milliseconds per step by
+class.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -220,6 +229,7 @@ class Runner:
     compile_s: float
     train_flops: float | None = None
     infer_flops: float | None = None
+    train_hlo: str | None = None  # the compiled train step's optimized HLO (for --profile)
 
 
 def _batch(setting: Setting, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -293,7 +303,7 @@ def nanlab_runner(setting: Setting, impl: str) -> Runner:
         params, batch_stats, _ = box["state"]
         np.asarray(infer({"params": params, "batch_stats": batch_stats}, x))
 
-    return Runner(f"nanlab[{impl}]", train, run_infer, compile_s, _flops(step), _flops(infer))
+    return Runner(f"nanlab[{impl}]", train, run_infer, compile_s, _flops(step), _flops(infer), step.as_text())
 
 
 def keras_runner(setting: Setting) -> Runner:
@@ -477,6 +487,138 @@ def run_conv_shapes(image_size: int, batch: int, formulations: list[str], repeat
     print("# seconds weighted by occurrences: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(totals.items())))
 
 
+# ---------------------------------------------------------------------------------------------
+# Where a train step's time goes: a jax.profiler trace of the steps, each XLA thunk event mapped
+# to its HLO instruction and classed by what the instruction computes.
+
+OP_CLASSES = ("convolution", "matmul (dot)", "max-pool (reduce-window, its gradient)", "reduction",
+              "iota (index maps of the max-pool gradient)", "layout (copy, transpose, slice, pad, concat)",
+              "elementwise", "other")
+_LAYOUT_OPS = {"copy", "transpose", "slice", "dynamic-slice", "pad", "concatenate", "bitcast", "reshape",
+               "broadcast", "parameter", "constant", "tuple", "get-tuple-element", "reverse",
+               "dynamic-update-slice", "copy-start", "copy-done"}
+
+
+def _hlo_instructions(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]:
+    """{computation: [(instruction, opcode, rest of line)]} of an HLO module's text, and the entry's name."""
+    computations: dict[str, list[tuple[str, str, str]]] = {}
+    current, entry = None, ""
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            header = line.split()
+            is_entry = header[0] == "ENTRY"
+            current = header[1 if is_entry else 0].lstrip("%")
+            entry = current if is_entry else entry
+            computations[current] = []
+            continue
+        if current is None or " = " not in line:
+            continue
+        name, _, rest = line.strip().removeprefix("ROOT ").partition(" = ")
+        if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
+            depth, end = 0, 0
+            for end, char in enumerate(rest):
+                depth += char == "("
+                depth -= char == ")"
+                if depth == 0:
+                    break
+            rest = rest[end + 1:].lstrip()
+        else:
+            rest = rest.partition(" ")[2]
+        opcode = rest.partition("(")[0]
+        computations[current].append((name.lstrip("%"), opcode, rest))
+    return computations, entry
+
+
+def hlo_op_classes(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> op class (`OP_CLASSES`) for every instruction of a compiled module."""
+    computations, _ = _hlo_instructions(hlo_text)
+
+    def opcodes_of(computation: str, seen: frozenset = frozenset()) -> set[str]:
+        found = set()
+        for _, opcode, rest in computations.get(computation, ()):
+            found.add(opcode)
+            for called in re.findall(r"(?:calls|to_apply)=%?([\w.-]+)", rest):
+                if called not in seen:
+                    found |= opcodes_of(called, seen | {computation})
+        return found
+
+    def op_class(opcode: str, rest: str) -> str:
+        ops = {opcode}
+        if opcode == "fusion":
+            called = re.search(r"calls=%?([\w.-]+)", rest)
+            ops = opcodes_of(called.group(1)) if called else ops
+        for marker, label in (("convolution", OP_CLASSES[0]), ("dot", OP_CLASSES[1]),
+                              ("reduce-window", OP_CLASSES[2]), ("select-and-scatter", OP_CLASSES[2]),
+                              ("reduce", OP_CLASSES[3]), ("iota", OP_CLASSES[4])):
+            if marker in ops:
+                return label
+        return OP_CLASSES[5] if ops <= _LAYOUT_OPS else OP_CLASSES[6]
+
+    return {name: op_class(opcode, rest) for instructions in computations.values()
+            for name, opcode, rest in instructions}
+
+
+def profile_by_op_class(run: Callable[[], None], hlo_text: str, steps: int = 5) -> dict[str, float]:
+    """Thread-milliseconds per step by op class: `steps` calls of `run` under `jax.profiler.trace`.
+
+    The times are summed over XLA's threads (a kernel split over 2 cores counts twice), so they
+    give each class's share of the work, not of the wall time.
+    """
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    classes = hlo_op_classes(hlo_text)
+    totals = collections.Counter({label: 0.0 for label in OP_CLASSES})
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            for _ in range(steps):
+                run()
+        data = ProfileData.from_file(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0])
+        for plane in data.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_XLA"):
+                    continue  # the Python thread's events are the host's, not XLA's kernels
+                for event in line.events:
+                    if event.name in classes:  # executor and thread-pool events are containers, not work
+                        totals[classes[event.name]] += event.duration_ns / 1e6 / steps
+    return dict(totals)
+
+
+def print_profile(name: str, setting: "Setting", totals: dict[str, float]) -> None:
+    whole = sum(totals.values()) or float("nan")
+    print(f"\n## Profile of {name}'s train step at {setting.image_size}x{setting.batch} ({setting.dtype}): "
+          "thread-ms per step by op class\n")
+    print("| op class | thread-ms / step | share |\n|---|---:|---:|")
+    for label, ms in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"| {label} | {ms:.1f} | {ms / whole:.0%} |")
+    print(f"| all XLA kernels | {whole:.1f} | 100% |", flush=True)
+
+
+def max_pool_ablation(setting: "Setting", impl: str, steps: int, warmup: int) -> str:
+    """nanlab's train step as is (max pools through `nanlab.models.pooling.max_pool`) against the same
+    step with flax's max_pool (XLA's select-and-gather gradient), interleaved; one result line."""
+    import flax.linen as nn
+
+    from nanlab.models import pooling
+
+    ours = nanlab_runner(setting, impl)
+    ours.name = "pooling.max_pool"
+    own = pooling.max_pool
+    pooling.max_pool = lambda x, window, strides: nn.max_pool(x, window, strides=strides, padding="VALID")
+    try:  # the step traces (and compiles) inside nanlab_runner, while the stand-in is in place
+        theirs = nanlab_runner(setting, impl)
+    finally:
+        pooling.max_pool = own
+    theirs.name = "flax max_pool"
+    times = time_interleaved([ours, theirs], "train", steps, warmup)
+    ratios = [b / a for a, b in zip(times[ours.name], times[theirs.name])]
+    return (f"| {setting.image_size} | {setting.batch} | {impl} | {statistics.median(times[ours.name]):.4f} | "
+            f"{statistics.median(times[theirs.name]):.4f} | {statistics.median(ratios):.3f} | "
+            f"{min(ratios):.3f}-{max(ratios):.3f} |")
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -488,6 +630,10 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="a small smoke check (75x75, batch 4, 3 steps)")
     mode.add_argument("--full", action="store_true", help="GPU sizes: bf16, batch 128 at 299 and 512 at 75")
     mode.add_argument("--conv-shapes", action="store_true", help="time each convolution shape instead")
+    mode.add_argument("--profile", action="store_true",
+                      help="instead: where nanlab's train step spends its time, by op class (jax.profiler)")
+    mode.add_argument("--max-pool-ablation", action="store_true",
+                      help="instead: nanlab's train step with its max-pool gradient against XLA's, interleaved")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after compilation")
     parser.add_argument("--impls", default="tuned,fast,xla", help="nanlab conv_impl values to run")
@@ -537,6 +683,20 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bench_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# {command.strip()}")
     print(f"# {environment_line()}")
+    if args.max_pool_ablation:
+        print("| image | batch | impl | s/step, pooling.max_pool | s/step, flax max_pool | speed-up (median of "
+              "rounds) | range |\n|---|---|---|---:|---:|---:|---|")
+        for setting in settings:
+            print(max_pool_ablation(setting, impls[0] if impls else "fast", steps, args.warmup), flush=True)
+        return 0
+    if args.profile:
+        for setting in settings:
+            for impl in impls:
+                runner = nanlab_runner(setting, impl)
+                for _ in range(1 + args.warmup):
+                    runner.train()
+                print_profile(runner.name, setting, profile_by_op_class(runner.train, runner.train_hlo, steps))
+        return 0
     peak = matmul_peak_gflops()
     print(f"# float32 matmul peak of this machine through JAX (2048^3, best of 10): {peak:.1f} GFLOP/s")
     print(f"# median of {steps} interleaved rounds after {args.warmup} warm-up; ratios: median per-round "
