@@ -51,7 +51,7 @@ __all__ = [
     "DataError", "Dataset", "batch_at", "builtin_dataset", "check_finite_array", "check_npz_arrays", "eval_batches",
     "first_nonfinite", "fit_normalizer", "input_stats",
     "labels_from_class_index", "list_image_folder", "load_dataset", "load_for_config", "make_mesh", "normalize",
-    "process_slice", "replicate", "replicated", "shard_batch",
+    "process_slice", "replicate", "shard_batch",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -756,11 +756,6 @@ def process_slice(tree: Any, process_index: int | None = None, process_count: in
     return jax.tree.map(rows, tree)
 
 
-def replicated(mesh) -> NamedSharding:
-    """The sharding of an array held whole on every device of `mesh`."""
-    return NamedSharding(mesh, PartitionSpec())
-
-
 def replicate(tree: Any, mesh) -> Any:
     """Places a pytree (params, optimizer state) on every device of the mesh, unsharded.
 
@@ -771,7 +766,7 @@ def replicate(tree: Any, mesh) -> Any:
     Returns:
       The same pytree of replicated ``jax.Array``s.
     """
-    sharding = replicated(mesh)
+    sharding = NamedSharding(mesh, PartitionSpec())
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
     # Replicated: each process's local data is the whole array.

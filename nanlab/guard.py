@@ -492,10 +492,11 @@ def _carry_like(carry: jax.Array, state: Any) -> jax.Array:
     its placement between calls would retrace and compile the whole step a second time."""
     if getattr(carry, "committed", True):
         return carry
-    for leaf in jax.tree.leaves(state):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            return jax.device_put(carry, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    # On a single device the carry a call returns stays uncommitted, so this runs on every call:
+    # the state's first array decides where the state lives, without walking every leaf.
+    sharding = next((leaf.sharding for leaf in jax.tree.leaves(state) if hasattr(leaf, "sharding")), None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.device_put(carry, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     return carry
 
 
