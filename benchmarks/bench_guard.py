@@ -215,13 +215,18 @@ def own_flag(loss: jax.Array, grads: Any, *more: Any) -> jax.Array:
 # ------------------------------------------------------------------------------------------ the timing
 
 
+def guard_own(own_step: Callable):
+    """The cheap path: the step hands the guard its own flag and gates its own update."""
+    return guard(own_step, donate_argnums=0, finite=lambda outputs: outputs[1]["finite"],
+                 gate_kwarg="apply_update", verbose=False)
+
+
 def steppers(step: Callable, own_step: Callable, batch: Any, variants: list[str],
              own_step_select: Callable | None = None) -> dict[str, Callable[[Any], Any]]:
     """Variant name -> ``state -> new state`` (one call of that variant)."""
     plain = jax.jit(step, donate_argnums=0)
     own = jax.jit(own_step, donate_argnums=0)
-    guarded_own = guard(own_step, donate_argnums=0, finite=lambda outputs: outputs[1]["finite"],
-                        gate_kwarg="apply_update", verbose=False)
+    guarded_own = guard_own(own_step)
     plain_again = jax.jit(step, donate_argnums=0)
     undonated = jax.jit(step)
     guarded = guard(step, donate_argnums=0, verbose=False)
@@ -259,8 +264,7 @@ def steppers(step: Callable, own_step: Callable, batch: Any, variants: list[str]
 def _select_steppers(own_step_select: Callable, batch: Any) -> dict[str, Callable[[Any], Any]]:
     """The own-flag step gated by a select, jitted alone and guarded."""
     own = jax.jit(own_step_select, donate_argnums=0)
-    guarded = guard(own_step_select, donate_argnums=0, finite=lambda outputs: outputs[1]["finite"],
-                    gate_kwarg="apply_update", verbose=False)
+    guarded = guard_own(own_step_select)
     return {"own flag select (jit)": lambda s: own(s, batch)[0],
             "guard own flag select": lambda s: guarded(s, batch)[0]}
 

@@ -268,8 +268,7 @@ def nanlab_runner(setting: Setting, impl: str) -> Runner:
         from nanlab.models import conv_tuning
 
         start = time.perf_counter()
-        apply = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
-        table, fresh = conv_tuning.ensure_tuned(apply, variables, x, path=conv_tuning.default_path())
+        table, fresh = conv_tuning.ensure_tuned_model(model, x, path=conv_tuning.default_path())
         print(f"# nanlab[{impl}] at {setting.image_size}x{setting.batch}: {fresh} of {len(table)} convolution "
               f"shapes timed now ({time.perf_counter() - start:.0f} s), the rest from the cache; choices "
               f"{dict(collections.Counter(table.values()))}", flush=True)

@@ -537,14 +537,10 @@ def _build_parts(config: config_lib.TrainConfig, pipeline=None) -> _Parts:
 def _tune_convolutions(model, sample_x) -> None:
     """--conv-impl tuned: time the formulations of each convolution shape of the training step that
     this machine's cache lacks, and activate the picks for the step traced next (one line on stderr)."""
-    import jax
-
     from nanlab.models import conv_tuning
 
     start, path = time.perf_counter(), conv_tuning.default_path()
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample_x)
-    table, timed = conv_tuning.ensure_tuned(
-        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, sample_x, path=path)
+    table, timed = conv_tuning.ensure_tuned_model(model, sample_x, path=path)
     print(f"{PROG}: --conv-impl tuned: {len(table)} convolution shapes, {timed} timed now "
           f"({time.perf_counter() - start:.0f} s), the rest from {path or 'nowhere (tuning cache off)'}",
           file=sys.stderr)

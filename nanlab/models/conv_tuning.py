@@ -36,7 +36,7 @@ from nanlab.machine import cpu_model
 from nanlab.models import conv as conv_lib
 
 __all__ = ["ENV_VAR", "candidates", "machine_id", "default_path", "record_conv_keys", "conv_keys_of",
-           "time_choice", "tune", "load", "save", "activate", "active", "ensure_tuned"]
+           "time_choice", "tune", "load", "save", "activate", "active", "ensure_tuned", "ensure_tuned_model"]
 
 ENV_VAR = "NANLAB_CONV_TUNING"  # 'off' keeps the fixed choices; a path moves the cache file
 KERNEL_GRAD_CHOICES = tuple(f"fast:{name}" for name in conv_lib.KERNEL_GRADS)
@@ -225,3 +225,14 @@ def ensure_tuned(fn: Callable[..., Any], *args: Any, path: Path | None,
     table = {k: {**cached, **fresh}[k] for k in keys}
     activate(table)
     return table, len(missing)
+
+
+def ensure_tuned_model(model: Any, x: Any, *, path: Path | None) -> tuple[dict[str, str], int]:
+    """`ensure_tuned` for a Flax linen model's training forward pass on a batch shaped like `x`.
+
+    The variables are traced (`jax.eval_shape` of the init), never computed: only the shapes the
+    convolutions see matter.
+    """
+    variables = jax.eval_shape(lambda batch: model.init(jax.random.key(0), batch, train=False), x)
+    return ensure_tuned(lambda v, batch: model.apply(v, batch, train=True, mutable=["batch_stats"]),
+                        variables, x, path=path)

@@ -8,8 +8,9 @@ XLA kernels' time on a 2-core AMD EPYC (`python benchmarks/bench_model.py --prof
 `max_pool` keeps the forward pass (the same reduce-window, so the same bits) and writes the
 gradient as one strided comparison per window tap: the gradient of an output goes to the first
 input of its window (in row-major tap order) that equals the output, which is JAX's own choice
-among ties (a window of zeros after a ReLU) and gives a NaN output's gradient to the window's first
-NaN. Each tap's share is placed back with an interior-padded `lax.pad`, so the whole gradient is
+among ties (a window of zeros after a ReLU). A NaN output's gradient goes to the window's first NaN;
+JAX's own gradient sends it to other entries of the window, whose order its comparisons leave
+undefined for NaN. Each tap's share is placed back with an interior-padded `lax.pad`, so the whole gradient is
 elementwise work that XLA fuses into a few loops.
 """
 
