@@ -540,7 +540,12 @@ def _tune_convolutions(model, sample_x) -> None:
     from nanlab.models import conv_tuning
 
     start, path = time.perf_counter(), conv_tuning.default_path()
-    table, timed = conv_tuning.ensure_tuned_model(model, sample_x, path=path)
+    try:
+        table, timed = conv_tuning.ensure_tuned_model(model, sample_x, path=path)
+    except OSError as error:  # the picks are active; only the cache for later runs is missing
+        print(f"{PROG}: warning: --conv-impl tuned: could not write {path} ({error.strerror or error}); "
+              "the picks are used for this run only", file=sys.stderr)
+        return
     print(f"{PROG}: --conv-impl tuned: {len(table)} convolution shapes, {timed} timed now "
           f"({time.perf_counter() - start:.0f} s), the rest from {path or 'nowhere (tuning cache off)'}",
           file=sys.stderr)
@@ -661,7 +666,11 @@ def _run(config: config_lib.TrainConfig) -> int:
     workdir = Path(config.workdir) if config.workdir else default_workdir(config)
     check_workdir(workdir, config, create=False)
     pipeline = _open_stream(config)  # streamed data: bad data exits here
-    parts = _build_parts(config, pipeline)
+    try:
+        parts = _build_parts(config, pipeline)  # with --conv-impl tuned, tens of seconds
+    except KeyboardInterrupt:
+        print(f"{PROG}: aborted before the run folder was created; nothing was written", file=sys.stderr)
+        return 130
     check_workdir(workdir, config)
     compile_cache.enable(cache_dir)
     if config.overwrite:  # (--resume and --overwrite exclude each other)

@@ -403,3 +403,45 @@ def test_conv_impl_tuned_tunes_what_the_cache_lacks_then_reads_the_cache(tmp_pat
         assert "0 timed now" in capsys.readouterr().err
     finally:
         conv_tuning.activate({})  # later models trace with the fixed choices again
+
+
+def test_conv_impl_tuned_on_a_full_disk_warns_and_keeps_the_picks(tmp_path, monkeypatch, capsys):
+    """The tuning cache cannot be written (ENOSPC): one warning line, and the run uses the picks."""
+    import jax.numpy as jnp
+
+    from nanlab import models
+    from nanlab.models import conv_tuning
+
+    monkeypatch.setenv(conv_tuning.ENV_VAR, str(tmp_path / "conv-tuning.json"))
+    monkeypatch.setattr(conv_tuning, "tune", lambda keys, **kwargs: {key: "fast:taps" for key in keys})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(conv_tuning, "save", full_disk)
+    model = models.build(config_lib.make_config({"width_multiplier": 0.125, "conv_impl": "tuned"}, backend="cpu"), 2)
+    try:
+        train._tune_convolutions(model, jnp.zeros((2, 75, 75, 3)))
+        assert len(conv_tuning.active()) > 20
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "No space left on device" in err[0] and "this run only" in err[0]
+    finally:
+        conv_tuning.activate({})
+
+
+def test_ctrl_c_while_tuning_exits_130_with_nothing_created(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before the run folder exists (tuning takes tens of seconds): exit 130, one line that
+    says nothing was written (not a --resume hint), and no folder."""
+    from nanlab.models import conv_tuning
+
+    monkeypatch.setenv(conv_tuning.ENV_VAR, "off")
+
+    def interrupted(keys, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv_tuning, "tune", interrupted)
+    workdir = tmp_path / "run"
+    code = train.main(_argv(workdir, model="inception_v3", width_multiplier=0.125, conv_impl="tuned"))
+    err = capsys.readouterr().err
+    assert code == 130 and "nothing was written" in err and "--resume" not in err
+    assert "Traceback" not in err and not workdir.exists()

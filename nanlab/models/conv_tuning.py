@@ -188,7 +188,12 @@ def save(path: Path, machine: str, table: dict[str, str]) -> None:
     data[machine] = {**data.get(machine, {}), **table}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as out:
-        json.dump(data, out, indent=1, sort_keys=True)
+        try:
+            json.dump(data, out, indent=1, sort_keys=True)
+        except OSError:  # a full disk: leave no half-written temporary file behind
+            out.close()
+            os.unlink(out.name)
+            raise
     os.replace(out.name, path)  # a reader sees the old file or the new one, never half of one
 
 
@@ -206,7 +211,10 @@ def active() -> dict[str, str]:
 def ensure_tuned(fn: Callable[..., Any], *args: Any, path: Path | None,
                  progress: Callable[[int, int, str], None] | None = None,
                  timer: Callable[[str, str], float] | None = None) -> tuple[dict[str, str], int]:
-    """Tune what `fn(*args)` convolves that the cache lacks, save it, activate the whole table.
+    """Tune what `fn(*args)` convolves that the cache lacks, activate the whole table, save it.
+
+    Raises:
+      OSError: the cache file could not be written (the table is active all the same).
 
     Args:
       fn, args: what to trace for its convolutions (e.g. the model's training forward pass).
@@ -220,10 +228,10 @@ def ensure_tuned(fn: Callable[..., Any], *args: Any, path: Path | None,
     keys = conv_keys_of(fn, *args)
     missing = [k for k in keys if k not in cached]
     fresh = tune(missing, progress=progress, timer=timer) if missing else {}
+    table = {k: {**cached, **fresh}[k] for k in keys}
+    activate(table)  # first: a cache that cannot be written (a full disk) leaves the picks in use
     if fresh and path is not None:
         save(path, machine, fresh)
-    table = {k: {**cached, **fresh}[k] for k in keys}
-    activate(table)
     return table, len(missing)
 
 

@@ -150,3 +150,24 @@ def test_ensure_tuned_times_once_then_reads_the_cache(tmp_path):
     conv_tuning.activate({})
     again, fresh = conv_tuning.ensure_tuned(apply, params, x, path=path, timer=timer)
     assert fresh == 0 and again == table and len(timed) == 7 and conv_tuning.active() == table
+
+
+def test_a_cache_that_cannot_be_written_leaves_no_temporary_and_the_picks_active(tmp_path, monkeypatch):
+    model = _TwoConvs()
+    x = jnp.ones((2, 6, 6, 3))
+    params = model.init(jax.random.key(0), x)
+    conv_tuning.activate({})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(conv_tuning.json, "dump", full_disk)
+    path = tmp_path / "conv-tuning.json"
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            conv_tuning.ensure_tuned(lambda p, x: model.apply(p, x), params, x, path=path,
+                                     timer=lambda key, choice: 1.0 if choice == "xla" else 2.0)
+        assert len(conv_tuning.active()) == 2  # tuned and in use for this process
+        assert list(tmp_path.iterdir()) == []  # neither the cache nor a half-written temporary
+    finally:
+        conv_tuning.activate({})
