@@ -8,6 +8,7 @@ Run from the repository root (Keras is in the `bench` and `test` extras):
     .venv/bin/python benchmarks/bench_model.py --conv-shapes --image-size 299 --batch 8
     .venv/bin/python benchmarks/bench_model.py --profile --impls fast   # where the step's time goes
     .venv/bin/python benchmarks/bench_model.py --max-pool-ablation      # the max-pool gradient's gain
+    .venv/bin/python benchmarks/bench_model.py --conv-libraries default,eigen   # who runs the convolutions
 
 One invocation builds, per setting, nanlab's InceptionV3 (binary head, sigmoid BCE, Adam; one
 jitted train step) with `conv_impl="fast"` and with `conv_impl="xla"` (the ablation), and
@@ -31,6 +32,10 @@ same invocation, and every contestant's train GFLOP/s is given as a share of it.
 what it computes (convolution, matmul, max-pool and its gradient, reductions, the iota index maps
 of the max-pool gradient, layout changes, elementwise) and prints thread-milliseconds per step by
 class.
+
+`--conv-libraries default,eigen` adds nanlab rows whose programs (train step and inference) XLA
+compiles with another convolution library (`nanlab.models.conv.LIBRARIES`: YNNPACK, XLA's default
+since jax 0.10, or Eigen), the choice behind `python -m nanlab.train --conv-library`.
 """
 
 from __future__ import annotations
@@ -255,8 +260,9 @@ def _bce_mean(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return sigmoid_binary_cross_entropy(logits, labels, reduction="mean")
 
 
-def nanlab_runner(setting: Setting, impl: str) -> Runner:
-    """nanlab's InceptionV3 (binary head), Adam, sigmoid BCE; one jitted, donated train step."""
+def nanlab_runner(setting: Setting, impl: str, library: str = "default") -> Runner:
+    """nanlab's InceptionV3 (binary head), Adam, sigmoid BCE; one jitted, donated train step, its
+    convolutions run by `library` (`nanlab.models.conv.LIBRARIES`), as is the inference program."""
     from nanlab.models.inception_v3 import InceptionV3
 
     dtype = jnp.bfloat16 if setting.dtype == "bfloat16" else jnp.float32
@@ -268,8 +274,8 @@ def nanlab_runner(setting: Setting, impl: str) -> Runner:
         from nanlab.models import conv_tuning
 
         start = time.perf_counter()
-        table, fresh = conv_tuning.ensure_tuned_model(model, x, path=conv_tuning.default_path())
-        print(f"# nanlab[{impl}] at {setting.image_size}x{setting.batch}: {fresh} of {len(table)} convolution "
+        table, fresh = conv_tuning.ensure_tuned_model(model, x, path=conv_tuning.default_path(), library=library)
+        print(f"# {_nanlab_name(impl, library)} at {setting.image_size}x{setting.batch}: {fresh} of {len(table)} convolution "
               f"shapes timed now ({time.perf_counter() - start:.0f} s), the rest from the cache; choices "
               f"{dict(collections.Counter(table.values()))}", flush=True)
     tx = optax.adam(1e-3)
@@ -288,10 +294,11 @@ def nanlab_runner(setting: Setting, impl: str) -> Runner:
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
+    options = conv_lib.compiler_options(library)
     start = time.perf_counter()
-    step = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
+    step = jax.jit(train_step, donate_argnums=0, compiler_options=options).lower(state, x, y).compile()
     compile_s = time.perf_counter() - start
-    infer = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    infer = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options).lower(variables, x).compile()
     box = {"state": state}
 
     def train() -> None:
@@ -302,7 +309,12 @@ def nanlab_runner(setting: Setting, impl: str) -> Runner:
         params, batch_stats, _ = box["state"]
         np.asarray(infer({"params": params, "batch_stats": batch_stats}, x))
 
-    return Runner(f"nanlab[{impl}]", train, run_infer, compile_s, _flops(step), _flops(infer), step.as_text())
+    return Runner(_nanlab_name(impl, library), train, run_infer, compile_s, _flops(step), _flops(infer),
+                  step.as_text())
+
+
+def _nanlab_name(impl: str, library: str) -> str:
+    return f"nanlab[{impl}]" if library == "default" else f"nanlab[{impl}, {library}]"
 
 
 def keras_runner(setting: Setting) -> Runner:
@@ -387,9 +399,10 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 
 def benchmark_setting(setting: Setting, impls: list[str], with_keras: bool, steps: int, warmup: int,
-                      peak: float, peers: list[str], peer_python: str) -> list[str]:
+                      peak: float, peers: list[str], peer_python: str,
+                      libraries: tuple[str, ...] = ("default",)) -> list[str]:
     """Builds the contestants, times them, runs the peers, and returns the markdown rows of this setting."""
-    runners = [nanlab_runner(setting, impl) for impl in impls]
+    runners = [nanlab_runner(setting, impl, library) for impl in impls for library in libraries]
     if with_keras:
         runners.append(keras_runner(setting))
     # Keras's model is the same network: XLA's count for nanlab's step stands for both. Count
@@ -644,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=None, help="one setting: this image size")
     parser.add_argument("--batch", type=int, default=None, help="one setting: this batch size")
     parser.add_argument("--formulations", default="xla,im2col,taps,swap", help="--conv-shapes: kernel grads")
+    parser.add_argument("--conv-libraries", default="default",
+                        help=f"nanlab rows per convolution library too: {', '.join(conv_lib.LIBRARIES)} (comma-separated)")
     args = parser.parse_args(argv)
 
     steps = args.steps if args.steps is not None else (3 if args.quick else 7)
@@ -660,6 +675,10 @@ def main(argv: list[str] | None = None) -> int:
     for impl in impls:
         if impl not in conv_lib.IMPLS:
             return _fail(f"--impls: unknown {impl!r}; choose from {', '.join(conv_lib.IMPLS)}")
+    libraries = tuple(name for name in args.conv_libraries.split(",") if name)
+    for name in libraries or ("",):
+        if name not in conv_lib.LIBRARIES:
+            return _fail(f"--conv-libraries: unknown {name!r}; choose from {', '.join(conv_lib.LIBRARIES)}")
     formulations = args.formulations.split(",")
     for name in formulations:
         if name not in conv_lib.KERNEL_GRADS:
@@ -690,8 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile:
         for setting in settings:
-            for impl in impls:
-                runner = nanlab_runner(setting, impl)
+            for impl, library in ((i, lib) for i in impls for lib in libraries):
+                runner = nanlab_runner(setting, impl, library)
                 for _ in range(1 + args.warmup):
                     runner.train()
                 print_profile(runner.name, setting, profile_by_op_class(runner.train, runner.train_hlo, steps))
@@ -704,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     print(TABLE_HEADER, flush=True)
     for setting in settings:
         for row in benchmark_setting(setting, impls, not args.no_keras, steps, args.warmup, peak, peers,
-                                     args.peer_python):
+                                     args.peer_python, libraries):
             print(row, flush=True)
     return 0
 

@@ -225,7 +225,8 @@ class GuardedStep:
                  on_failure: str | Callable[[NonFiniteError], Any] = "raise", allow: Any = None,
                  workdir: str | Path | None = None, history: Sequence[Mapping[str, Any]] | None = None,
                  finite: Callable[[Any], Any] | None = None, gate_kwarg: str | None = None,
-                 verbose: bool = True, replay: Callable[[int, tuple, Any], NonFiniteError] | None = None):
+                 verbose: bool = True, replay: Callable[[int, tuple, Any], NonFiniteError] | None = None,
+                 compiler_options: Mapping[str, Any] | None = None):
         if not callable(fn):
             raise TypeError(f"guard needs a callable step, got {fn!r}")
         if not (isinstance(check_every, int) and check_every >= 1):
@@ -250,7 +251,8 @@ class GuardedStep:
         self._layout: dict[str, bool] = {}
         self._jitted = jax.jit(_guarded_body(fn, finite, gate_kwarg, self._layout),
                                donate_argnums=tuple(i + 1 for i in self.donate_argnums),
-                               static_argnums=tuple(i + 1 for i in self.static_argnums))
+                               static_argnums=tuple(i + 1 for i in self.static_argnums),
+                               compiler_options=None if compiler_options is None else dict(compiler_options))
         self._hold = 1
         self._carry = Carry(0, -1, 0, self._hold).array()
         self._calls = 0  # calls dispatched (the host's count; the carry holds the device's)
@@ -393,6 +395,7 @@ def guard(fn: Callable | None = None, /, *, donate_argnums: int | Sequence[int] 
           workdir: str | Path | None = None, history: Sequence[Mapping[str, Any]] | None = None,
           finite: Callable[[Any], Any] | None = None, gate_kwarg: str | None = None,
           verbose: bool = True, replay: Callable[[int, tuple, Any], NonFiniteError] | None = None,
+          compiler_options: Mapping[str, Any] | None = None,
           ) -> GuardedStep | Callable[[Callable], GuardedStep]:
     """Jit a pure step with nanlab's sentinel, gate and replay; usable as ``@guard`` or ``@guard(...)``.
 
@@ -422,13 +425,15 @@ def guard(fn: Callable | None = None, /, *, donate_argnums: int | Sequence[int] 
         call's index, its inputs ``(held state, *args)`` and its aux outputs (the metrics it
         returned). For a caller that presents the failure its own way (``python -m nanlab.train``
         numbers steps from a resumed run's start and writes its own report.json keys).
+      compiler_options: as `jax.jit`'s: XLA options for the guarded executable (e.g.
+        `nanlab.models.conv.compiler_options(library)`).
 
     Returns:
       A `GuardedStep`.
     """
     options = dict(donate_argnums=donate_argnums, static_argnums=static_argnums, check_every=check_every,
                    on_failure=on_failure, allow=allow, workdir=workdir, history=history, finite=finite,
-                   gate_kwarg=gate_kwarg, verbose=verbose, replay=replay)
+                   gate_kwarg=gate_kwarg, verbose=verbose, replay=replay, compiler_options=compiler_options)
     if fn is None:
         return lambda f: GuardedStep(f, **options)
     return GuardedStep(fn, **options)

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--conv-impl", help=f"InceptionV3's convolution formulations: {', '.join(config_lib.CONV_IMPLS)}; tuned "
         "times each convolution shape's formulations on this machine at first use (tens of seconds) and "
         f"caches the picks under the user's cache directory (NANLAB_CONV_TUNING moves it) ({d('conv_impl')})")
+    add("--conv-library", help=f"who runs the convolutions on CPU: {', '.join(config_lib.CONV_LIBRARIES)}; default is "
+        "XLA's choice (YNNPACK), eigen XLA's runtime (Eigen) for every program, eigen-eval Eigen for evaluation "
+        f"only; which is faster depends on the machine: benchmarks/bench_model.py --conv-libraries ({d('conv_library')})")
     add("--dropout-rate", type=float, help=f"dropout before the head ({d('dropout_rate')})")
     add("--bn-recalibration-batches", type=int, help="evaluate with BatchNorm moments recomputed on this many "
         f"training batches under the current weights (precise BN); 0: the running averages ({d('bn_recalibration_batches')})")
@@ -525,7 +528,7 @@ def _build_parts(config: config_lib.TrainConfig, pipeline=None) -> _Parts:
     model = models.build(config, num_classes)
     sample_x = jnp.zeros((config.batch_size,) + tuple(image_shape), jnp.float32)
     if config.conv_impl == "tuned" and config.model == "inception_v3":
-        _tune_convolutions(model, sample_x)
+        _tune_convolutions(model, sample_x, config_lib.conv_library_of(config, "train"))
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
     # Runs once per run: compiled without XLA's optimization passes (see compile_cache).
@@ -534,14 +537,15 @@ def _build_parts(config: config_lib.TrainConfig, pipeline=None) -> _Parts:
     return _Parts(feed, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
 
 
-def _tune_convolutions(model, sample_x) -> None:
+def _tune_convolutions(model, sample_x, library: str) -> None:
     """--conv-impl tuned: time the formulations of each convolution shape of the training step that
-    this machine's cache lacks, and activate the picks for the step traced next (one line on stderr)."""
+    this machine's cache lacks, compiled for the train step's convolution `library`, and activate
+    the picks for the step traced next (one line on stderr)."""
     from nanlab.models import conv_tuning
 
     start, path = time.perf_counter(), conv_tuning.default_path()
     try:
-        table, timed = conv_tuning.ensure_tuned_model(model, sample_x, path=path)
+        table, timed = conv_tuning.ensure_tuned_model(model, sample_x, path=path, library=library)
     except OSError as error:  # the picks are active; only the cache for later runs is missing
         print(f"{PROG}: warning: --conv-impl tuned: could not write {path} ({error.strerror or error}); "
               "the picks are used for this run only", file=sys.stderr)
@@ -624,13 +628,22 @@ def _step_fns(config: config_lib.TrainConfig, parts: _Parts) -> _StepFns:
     # a step's work. They are read back only every --stats-every steps.
     train_step = step_lib.make_train_step(parts.model, parts.loss_fn, parts.tx, schedule=parts.schedule,
                                           skip_nonfinite=config.skip_nonfinite, collect_stats=config.stats_every > 0)
+    forward_only = conv_compiler_options(config, "eval")
     return _StepFns(
         train_step=train_step,
         telemetry=jax.jit(step_lib.update_telemetry),
         snapshot=jax.jit(lambda params: jax.tree.map(jnp.copy, params)),  # one dispatch, not one per array
-        evaluate=jax.jit(step_lib.make_eval_step(parts.model, parts.loss_fn)),
-        moments=jax.jit(step_lib.make_batch_moments_fn(parts.model, BN_MOMENTUM)),
+        evaluate=jax.jit(step_lib.make_eval_step(parts.model, parts.loss_fn), compiler_options=forward_only),
+        moments=jax.jit(step_lib.make_batch_moments_fn(parts.model, BN_MOMENTUM), compiler_options=forward_only),
     )
+
+
+def conv_compiler_options(config: config_lib.TrainConfig, program: str) -> dict[str, str] | None:
+    """XLA's options for the convolutions of the train step (program "train") or of the forward-only
+    programs, evaluation and BatchNorm recalibration ("eval"), as --conv-library asks."""
+    from nanlab.models import conv as conv_lib
+
+    return conv_lib.compiler_options(config_lib.conv_library_of(config, program))
 
 
 def _guard_step(config: config_lib.TrainConfig, fns: _StepFns):
@@ -645,7 +658,8 @@ def _guard_step(config: config_lib.TrainConfig, fns: _StepFns):
     # Not donated under jax_debug_nans/infs: JAX re-runs a failing call on its arguments.
     return guard(fns.train_step, donate_argnums=() if debug else 0, check_every=config.log_every,
                  on_failure="skip" if config.skip_nonfinite else "raise",
-                 finite=step_lib.guard_flag, gate_kwarg="apply_update")
+                 finite=step_lib.guard_flag, gate_kwarg="apply_update",
+                 compiler_options=conv_compiler_options(config, "train"))
 
 
 def _run(config: config_lib.TrainConfig) -> int:

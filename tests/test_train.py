@@ -393,12 +393,12 @@ def test_conv_impl_tuned_tunes_what_the_cache_lacks_then_reads_the_cache(tmp_pat
     assert model.conv_impl == "tuned"
     sample_x = jnp.zeros((2, 75, 75, 3))
     try:
-        train._tune_convolutions(model, sample_x)
+        train._tune_convolutions(model, sample_x, "default")
         first = conv_tuning.active()
         assert len(timed) == len(first) > 20 and set(first.values()) == {"fast:taps"}
         assert cache.exists() and "timed now" in capsys.readouterr().err
         timed.clear()
-        train._tune_convolutions(model, sample_x)
+        train._tune_convolutions(model, sample_x, "default")
         assert timed == [] and conv_tuning.active() == first
         assert "0 timed now" in capsys.readouterr().err
     finally:
@@ -421,7 +421,7 @@ def test_conv_impl_tuned_on_a_full_disk_warns_and_keeps_the_picks(tmp_path, monk
     monkeypatch.setattr(conv_tuning, "save", full_disk)
     model = models.build(config_lib.make_config({"width_multiplier": 0.125, "conv_impl": "tuned"}, backend="cpu"), 2)
     try:
-        train._tune_convolutions(model, jnp.zeros((2, 75, 75, 3)))
+        train._tune_convolutions(model, jnp.zeros((2, 75, 75, 3)), "default")
         assert len(conv_tuning.active()) > 20
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "No space left on device" in err[0] and "this run only" in err[0]
@@ -445,3 +445,31 @@ def test_ctrl_c_while_tuning_exits_130_with_nothing_created(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert code == 130 and "nothing was written" in err and "--resume" not in err
     assert "Traceback" not in err and not workdir.exists()
+
+
+@pytest.mark.parametrize("library, in_train, in_eval", [("default", True, True), ("eigen", False, False),
+                                                        ("eigen-eval", True, False)])
+def test_conv_library_sets_who_runs_the_convolutions_of_each_program(tmp_path, library, in_train, in_eval):
+    """--conv-library: the guarded train step and the forward-only programs (evaluation, BatchNorm
+    recalibration) are compiled with the library's options: YNNPACK's fusions present or not."""
+    import jax.numpy as jnp
+
+    config = _config(tmp_path / "run", conv_library=library)
+    parts = train._build_parts(config)
+    fns = train._step_fns(config, parts)
+    state = parts.init(parts.sample_x)
+    batch = (parts.sample_x, jnp.zeros((config.batch_size, 1)))
+    texts = {
+        "train": train._guard_step(config, fns).lower(state, batch).compile().as_text(),
+        "eval": fns.evaluate.lower(state, batch, jnp.ones(config.batch_size)).compile().as_text(),
+        "moments": fns.moments.lower(state, parts.sample_x).compile().as_text(),
+    }
+    expected = {"train": in_train, "eval": in_eval, "moments": in_eval}
+    assert {name: "%ynn_fusion" in text for name, text in texts.items()} == expected
+
+
+def test_bad_conv_library_exits_2_with_one_line(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert train.main(["--workdir", str(workdir), "--no-progress", "--conv-library", "mkl"]) == 2
+    err = capsys.readouterr().err
+    assert "--conv-library 'mkl'" in err and err.count("\n") == 1 and not workdir.exists()

@@ -14,6 +14,9 @@ Formulations (`impl`), all equal in value and gradient (tests/models/test_conv.p
   the active table lacks, or no table at all, gets "fast"'s fixed choice.
 - "auto": "tuned" when `jax.default_backend() == "cpu"`, else "xla" (cuDNN's convolutions on GPU).
 - "matmul", "im2col", "taps", "swap": one formulation forced everywhere it applies (ablations).
+
+Besides the formulation, the kernel library that runs a program's convolutions is XLA's choice on
+CPU, set per compiled program (`compiler_options(library)`, see `LIBRARIES`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Conv", "IMPLS", "conv", "resolve_impl"]
+__all__ = ["Conv", "IMPLS", "LIBRARIES", "compiler_options", "conv", "resolve_impl"]
 
 Initializer = Callable[..., jax.Array]
 
@@ -34,6 +37,33 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("xla", "fast", "tuned", "auto", "matmul", "im2col", "taps", "swap")
 KERNEL_GRADS = ("xla", "im2col", "taps", "swap")
 PADDINGS = ("SAME", "VALID")
+# Who runs the convolutions (and matmuls) of a program that XLA compiles for the CPU:
+# - "default": XLA's own choice; since jax 0.10 that is YNNPACK for convolutions and dots.
+# - "eigen": YNNPACK off, so XLA's runtime (Eigen) runs them. Measured on an Intel Xeon with AVX-512
+#   and AMX (jax 0.10.2, 2 cores; benchmarks/results/bench_model.md): inference of InceptionV3
+#   1.27-1.38x faster, and XLA's backward-filter convolution of a 35x35 3x3 64->96 at batch 32
+#   3.6x faster (25 against 89 ms), while the "fast" train step ran 0.6x: which one wins depends
+#   on the program and the machine, so it is chosen per program.
+LIBRARIES = ("default", "eigen")
+_LIBRARY_OPTIONS = {"default": None, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+def compiler_options(library: str) -> dict[str, str] | None:
+    """`jax.jit(..., compiler_options=...)` that make XLA run the program's convolutions with `library`.
+
+    Args:
+      library: one of `LIBRARIES`.
+
+    Returns:
+      The XLA options, or None (XLA's defaults) for "default" and on backends other than the CPU
+      (the options name CPU-only libraries).
+    """
+    if library not in LIBRARIES:
+        raise ValueError(f"library must be one of {LIBRARIES}, got {library!r}")
+    if jax.default_backend() != "cpu":
+        return None
+    options = _LIBRARY_OPTIONS[library]
+    return None if options is None else dict(options)
 
 
 def resolve_impl(impl: str) -> str:

@@ -20,6 +20,7 @@ table, or for a shape it lacks, "tuned" is "fast" with its fixed choices (`conv.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -57,9 +58,12 @@ def candidates(key: str) -> tuple[str, ...]:
     return ("xla",) + KERNEL_GRAD_CHOICES
 
 
-def machine_id() -> str:
-    """What the timings depend on: the CPU model, its core count, the JAX version and backend."""
-    return f"{cpu_model()} | {os.cpu_count()} cores | jax {jax.__version__} | {jax.default_backend()}"
+def machine_id(library: str = "default") -> str:
+    """What the timings depend on: the CPU model, its core count, the JAX version and backend, and
+    the library that runs the convolutions (`conv.LIBRARIES`; named only when not XLA's default)."""
+    machine = f"{cpu_model()} | {os.cpu_count()} cores | jax {jax.__version__} | {jax.default_backend()}"
+    conv_lib.compiler_options(library)  # a bad name raises
+    return machine if library == "default" else f"{machine} | conv library {library}"
 
 
 def default_path() -> Path | None:
@@ -108,11 +112,11 @@ def _operands(key: str) -> tuple[jax.Array, jax.Array, jax.Array, tuple[int, int
     return x, kernel, cotangent, strides, padding
 
 
-def _train_pass(choice: str, strides: tuple[int, int], padding: str) -> Callable:
+def _train_pass(choice: str, strides: tuple[int, int], padding: str, library: str = "default") -> Callable:
     """jitted (x, kernel, cotangent) -> (y, dx, dkernel) under one choice, as a train step runs it."""
     impl, _, kernel_grad = choice.partition(":")
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=conv_lib.compiler_options(library))
     def run(x, kernel, cotangent):
         convolve = lambda a, k: conv_lib.conv(a, k, strides, padding, impl, kernel_grad=kernel_grad or None)  # noqa: E731
         y, vjp = jax.vjp(convolve, x, kernel)
@@ -121,14 +125,16 @@ def _train_pass(choice: str, strides: tuple[int, int], padding: str) -> Callable
     return run
 
 
-def time_choice(key: str, choice: str, *, repeats: int = 3, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds of one forward + both gradients of the convolution `key` under `choice` (best of repeats).
+def time_choice(key: str, choice: str, *, repeats: int = 3, clock: Callable[[], float] = time.perf_counter,
+                library: str = "default") -> float:
+    """Seconds of one forward + both gradients of the convolution `key` under `choice` (best of repeats),
+    compiled for the convolution library `library` (`conv.LIBRARIES`).
 
     The first call compiles and is not timed; the best of `repeats` calls is the least disturbed
     by other work on the machine.
     """
     x, kernel, cotangent, strides, padding = _operands(key)
-    run = _train_pass(choice, strides, padding)
+    run = _train_pass(choice, strides, padding, library)
     jax.block_until_ready(run(x, kernel, cotangent))
     best = float("inf")
     for _ in range(repeats):
@@ -140,7 +146,7 @@ def time_choice(key: str, choice: str, *, repeats: int = 3, clock: Callable[[], 
 
 def tune(keys: Iterable[str], *, repeats: int = 3,
          timer: Callable[[str, str], float] | None = None,
-         progress: Callable[[int, int, str], None] | None = None) -> dict[str, str]:
+         progress: Callable[[int, int, str], None] | None = None, library: str = "default") -> dict[str, str]:
     """Time every candidate of every key and keep the fastest: key -> choice.
 
     Args:
@@ -148,9 +154,10 @@ def tune(keys: Iterable[str], *, repeats: int = 3,
       repeats: timed calls per candidate (after one compiling call).
       timer: `(key, choice) -> seconds`; the default times it on this machine (`time_choice`).
       progress: called as `progress(done, total, key)` after each key.
+      library: the convolution library the default timer compiles for (`conv.LIBRARIES`).
     """
     keys = list(dict.fromkeys(keys))
-    timer = timer or (lambda key, choice: time_choice(key, choice, repeats=repeats))
+    timer = timer or (lambda key, choice: time_choice(key, choice, repeats=repeats, library=library))
     table = {}
     for i, key in enumerate(keys):
         seconds = {choice: timer(key, choice) for choice in candidates(key)}
@@ -210,7 +217,8 @@ def active() -> dict[str, str]:
 
 def ensure_tuned(fn: Callable[..., Any], *args: Any, path: Path | None,
                  progress: Callable[[int, int, str], None] | None = None,
-                 timer: Callable[[str, str], float] | None = None) -> tuple[dict[str, str], int]:
+                 timer: Callable[[str, str], float] | None = None,
+                 library: str = "default") -> tuple[dict[str, str], int]:
     """Tune what `fn(*args)` convolves that the cache lacks, activate the whole table, save it.
 
     Raises:
@@ -219,15 +227,17 @@ def ensure_tuned(fn: Callable[..., Any], *args: Any, path: Path | None,
     Args:
       fn, args: what to trace for its convolutions (e.g. the model's training forward pass).
       path: the cache file; None tunes without caching.
+      library: the convolution library `fn`'s program will be compiled for: the picks are timed
+        and cached for it (`conv.LIBRARIES`).
 
     Returns:
       (the table activated for `fn`'s convolutions, how many keys were timed now).
     """
-    machine = machine_id()
+    machine = machine_id(library)
     cached = load(path, machine) if path is not None else {}
     keys = conv_keys_of(fn, *args)
     missing = [k for k in keys if k not in cached]
-    fresh = tune(missing, progress=progress, timer=timer) if missing else {}
+    fresh = tune(missing, progress=progress, timer=timer, library=library) if missing else {}
     table = {k: {**cached, **fresh}[k] for k in keys}
     activate(table)  # first: a cache that cannot be written (a full disk) leaves the picks in use
     if fresh and path is not None:
@@ -235,7 +245,8 @@ def ensure_tuned(fn: Callable[..., Any], *args: Any, path: Path | None,
     return table, len(missing)
 
 
-def ensure_tuned_model(model: Any, x: Any, *, path: Path | None) -> tuple[dict[str, str], int]:
+def ensure_tuned_model(model: Any, x: Any, *, path: Path | None,
+                       library: str = "default") -> tuple[dict[str, str], int]:
     """`ensure_tuned` for a Flax linen model's training forward pass on a batch shaped like `x`.
 
     The variables are traced (`jax.eval_shape` of the init), never computed: only the shapes the
@@ -243,4 +254,4 @@ def ensure_tuned_model(model: Any, x: Any, *, path: Path | None) -> tuple[dict[s
     """
     variables = jax.eval_shape(lambda batch: model.init(jax.random.key(0), batch, train=False), x)
     return ensure_tuned(lambda v, batch: model.apply(v, batch, train=True, mutable=["batch_stats"]),
-                        variables, x, path=path)
+                        variables, x, path=path, library=library)

@@ -210,3 +210,56 @@ def test_bad_arguments_name_the_value():
         conv(x, kernel, padding="same")
     with pytest.raises(ValueError, match="'cudnn'"):
         conv(x, kernel, impl="cudnn")
+
+
+# ------------------------------------------------------------------------ the convolution library
+
+
+def _fusion_kinds(compiled_text: str) -> set[str]:
+    """The library fusions (YNNPACK's "ynn_fusion", XNNPACK's "xnn_fusion") in a compiled program."""
+    return {name for name in ("ynn_fusion", "xnn_fusion") if f"%{name}" in compiled_text}
+
+
+@pytest.mark.parametrize("case", [SHAPE_CASES[i] for i in (0, 3, 5, 9, 11)], ids=_case_id)
+def test_every_formulation_under_eigen_equals_xla_under_the_default(case):
+    """The library changes who computes, not what: every formulation compiled for Eigen equals
+    XLA's convolution compiled with XLA's default library, in value and both gradients. Enough
+    channels (32 -> 24) that YNNPACK takes the default's convolutions (it leaves those with <= 16)."""
+    kernel_size, strides, padding, hw = case
+    x, kernel, cotangent = _operands(kernel_size, strides, padding, hw, cin=32, cout=24)
+
+    def value_and_grads(impl, options):
+        run = jax.jit(lambda a, k, g: (lambda y, vjp: (y, *vjp(g)))(
+            *jax.vjp(lambda a_, k_: conv(a_, k_, strides, padding, impl), a, k)), compiler_options=options)
+        return run(x, kernel, cotangent)
+
+    expected = value_and_grads("xla", conv_lib.compiler_options("default"))
+    for impl in ("xla",) + FORMULATIONS:
+        actual = value_and_grads(impl, conv_lib.compiler_options("eigen"))
+        for name, a, e in zip(("value", "dx", "dkernel"), actual, expected):
+            _assert_close(a, e, f"{impl} under eigen: {name}")
+
+
+def test_the_eigen_options_reach_the_compiler():
+    """Compiled with the "eigen" options, a convolution is no library fusion; the same program with
+    XLA's defaults is one wherever this JAX hands convolutions to YNNPACK (0.10 onwards)."""
+    x = jnp.ones((2, 9, 9, 32))
+    kernel = jnp.ones((3, 3, 32, 48))
+    fn = lambda a, k: conv(a, k, impl="xla")  # noqa: E731
+    eigen = jax.jit(fn, compiler_options=conv_lib.compiler_options("eigen")).lower(x, kernel).compile().as_text()
+    default = jax.jit(fn).lower(x, kernel).compile().as_text()
+    assert _fusion_kinds(eigen) == set()
+    assert "convolution(" in eigen
+    if jax.__version_info__ >= (0, 10, 0):
+        assert _fusion_kinds(default) == {"ynn_fusion"}
+
+
+def test_compiler_options_per_library_and_backend(monkeypatch):
+    assert conv_lib.compiler_options("default") is None
+    assert conv_lib.compiler_options("eigen") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    conv_lib.compiler_options("eigen")["xla_cpu_experimental_ynn_fusion_type"] = "changed"  # a copy
+    assert conv_lib.compiler_options("eigen") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    with pytest.raises(ValueError, match="'mkl'"):
+        conv_lib.compiler_options("mkl")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert conv_lib.compiler_options("eigen") is None  # CPU libraries: nothing to say to a GPU compiler

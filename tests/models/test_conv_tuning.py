@@ -171,3 +171,38 @@ def test_a_cache_that_cannot_be_written_leaves_no_temporary_and_the_picks_active
         assert list(tmp_path.iterdir()) == []  # neither the cache nor a half-written temporary
     finally:
         conv_tuning.activate({})
+
+
+def test_picks_are_timed_and_cached_per_convolution_library(tmp_path, monkeypatch):
+    """A table timed for one library (`conv.LIBRARIES`) is not another's: the eigen picks are timed
+    with the eigen options and cached under their own machine key, beside the default's."""
+    model = _TwoConvs()
+    x = jnp.ones((2, 6, 6, 3))
+    params = model.init(jax.random.key(0), x)
+    apply = lambda p, x: model.apply(p, x)  # noqa: E731
+    libraries_timed = []
+
+    def time_choice(key, choice, *, repeats=3, library="default"):
+        libraries_timed.append(library)
+        return 1.0 if (choice == "xla") == (library == "default") else 2.0
+
+    monkeypatch.setattr(conv_tuning, "time_choice", time_choice)
+    path = tmp_path / "conv-tuning.json"
+    default, _ = conv_tuning.ensure_tuned(apply, params, x, path=path)
+    eigen, fresh = conv_tuning.ensure_tuned(apply, params, x, path=path, library="eigen")
+    assert set(libraries_timed) == {"default", "eigen"} and fresh == 2
+    assert set(default.values()) == {"xla"} and "xla" not in eigen.values()
+    data = json.loads(path.read_text())
+    assert set(data) == {conv_tuning.machine_id(), conv_tuning.machine_id("eigen")}
+    assert conv_tuning.machine_id("eigen").endswith("| conv library eigen")
+    with pytest.raises(ValueError, match="'mkl'"):
+        conv_tuning.machine_id("mkl")
+
+
+def test_time_choice_compiles_for_the_library():
+    key = _key((3, 3), (1, 1), "SAME", (7, 6), cin=32, cout=24)
+    assert 0 < conv_tuning.time_choice(key, "xla", repeats=1, library="eigen") < 5
+    x, kernel, cotangent, strides, padding = conv_tuning._operands(key)
+    for library, fusions in (("eigen", False), ("default", True)):
+        text = conv_tuning._train_pass("xla", strides, padding, library).lower(x, kernel, cotangent).compile().as_text()
+        assert ("%ynn_fusion" in text) == (fusions and jax.__version_info__ >= (0, 10, 0)), library
