@@ -495,13 +495,12 @@ def load_for_config(config: Any) -> tuple[Dataset, dict[str, dict[str, float]]]:
         raise BadInput(f"--data {config.data}: {error}") from None
     if config.batch_size > len(dataset.x_train):
         raise BadInput(f"--batch-size {config.batch_size} is larger than the training set ({len(dataset.x_train)} examples)")
-    x_train = dataset.x_train * np.float32(config.input_scale)
+    raw_train = dataset.x_train * np.float32(config.input_scale)
     x_val = dataset.x_val * np.float32(config.input_scale)
-    normalizer = fit_normalizer(x_train, config.normalize)
-    x_train = normalize(x_train, config.normalize, normalizer)
+    normalizer = fit_normalizer(raw_train, config.normalize)
+    x_train = normalize(raw_train, config.normalize, normalizer)
     x_val = normalize(x_val, config.normalize, normalizer)
-    stats = {"raw": input_stats(dataset.x_train * np.float32(config.input_scale)),
-             "normalized": input_stats(x_train)}
+    stats = {"raw": input_stats(raw_train), "normalized": input_stats(x_train)}
     return dataclasses.replace(dataset, x_train=x_train, x_val=x_val), stats
 
 
@@ -521,25 +520,67 @@ def input_stats(x: np.ndarray) -> dict[str, float]:
     values = x if nonfinite == 0 else x[finite_mask]  # no copy in the common all-finite case
     if values.size == 0:
         return {"min": math.nan, "max": math.nan, "mean": math.nan, "std": math.nan, "nonfinite": nonfinite}
+    moments = column_moments(values.reshape(-1, 1))
     return {
         "min": float(values.min()),
         "max": float(values.max()),
-        # float64 accumulation: a float32 sum of ~1e8 pixels loses digits.
-        "mean": float(values.mean(dtype=np.float64)),
-        "std": float(values.std(dtype=np.float64)),
+        "mean": float(moments.mean[0]),
+        "std": float(moments.std[0]),
         "nonfinite": nonfinite,
     }
 
 
-def _per_channel_finite(x: np.ndarray, reduce) -> np.ndarray:
-    """Applies `reduce` to the finite values of each channel (last axis) of x."""
-    channels = x.reshape(-1, x.shape[-1])
-    out = []
-    for c in range(channels.shape[1]):
-        column = channels[:, c]
-        column = column[np.isfinite(column)]
-        out.append(reduce(column) if column.size else 0.0)
-    return np.asarray(out, np.float64)
+@dataclasses.dataclass(frozen=True)
+class ColumnMoments:
+    """Per-column count, mean, standard deviation and largest magnitude (float64) of a 2-D array."""
+
+    count: int
+    mean: np.ndarray
+    std: np.ndarray
+    magnitude: np.ndarray
+
+
+_MOMENT_ROWS = 1 << 16  # rows per float64 chunk: ~0.5 MB per column, no full-size float64 copy
+
+
+def column_moments(values: np.ndarray) -> ColumnMoments:
+    """Moments of each column of `values` (rows, columns), all finite, accumulated in float64.
+
+    One pass in chunks of rows: each chunk, made float64, is shifted by the first chunk's column
+    means (so that the sum of squares does not cancel catastrophically when the mean is large
+    against the spread) and summed by a matrix-vector product, which runs at memory speed where
+    numpy's column reductions of a few-column array do not (1.5 s against 0.06 s for the built-in
+    data's 11.5M pixels x 3 channels).
+    """
+    values = np.asarray(values)
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"column_moments needs a non-empty 2-D array, got shape {values.shape}")
+    ones = np.ones(min(len(values), _MOMENT_ROWS))
+    shift = values[:_MOMENT_ROWS].astype(np.float64).mean(axis=0)
+    total = np.zeros(values.shape[1])
+    total_sq = np.zeros(values.shape[1])
+    for start in range(0, len(values), _MOMENT_ROWS):
+        chunk = values[start:start + _MOMENT_ROWS].astype(np.float64) - shift
+        weights = ones[:len(chunk)]
+        total += weights @ chunk
+        total_sq += weights @ (chunk * chunk)
+    count = len(values)
+    offset = total / count
+    std = np.sqrt(np.maximum(total_sq / count - offset * offset, 0.0))
+    return ColumnMoments(count, shift + offset, std, _column_magnitude(values).astype(np.float64))
+
+
+def _column_magnitude(values: np.ndarray) -> np.ndarray:
+    """max |value| of each column. Folding many rows into one long row first keeps numpy's
+    reduction vectorized (a reduction over a 3-wide axis 0 runs 3 lanes at a time)."""
+    columns = values.shape[1]
+    fold = max(1, 4096 // columns)
+    whole = len(values) - len(values) % fold
+    parts = [np.abs(values[whole:]).max(axis=0)] if whole < len(values) else []
+    if whole:
+        wide = np.abs(values[:whole].reshape(-1, fold * columns)).max(axis=0)
+        parts.append(wide.reshape(fold, columns).max(axis=0))
+    return np.max(parts, axis=0)
 
 
 def fit_normalizer(x_train: np.ndarray, mode: str) -> dict[str, Any]:
@@ -569,9 +610,15 @@ def fit_normalizer(x_train: np.ndarray, mode: str) -> dict[str, Any]:
         low = 0.0 if math.isnan(stats["min"]) else stats["min"]
         high = low + 1.0 if math.isnan(stats["max"]) else stats["max"]
         return {"mode": "unit", "min": low, "max": high}
-    mean = _per_channel_finite(x_train, lambda v: v.mean(dtype=np.float64))
-    std = _per_channel_finite(x_train, lambda v: v.std(dtype=np.float64))
-    scale = _per_channel_finite(x_train, lambda v: np.abs(v).max())
+    channels = x_train.reshape(-1, x_train.shape[-1])
+    if np.isfinite(channels).all():
+        moments = column_moments(channels)
+        mean, std, scale = moments.mean, moments.std, moments.magnitude
+    else:  # each channel's finite values on their own (bad-data runs)
+        per_channel = [channels[:, c][np.isfinite(channels[:, c])] for c in range(channels.shape[1])]
+        moments = [column_moments(v.reshape(-1, 1)) if v.size else None for v in per_channel]
+        mean, std, scale = (np.asarray([getattr(m, name)[0] if m else 0.0 for m in moments])
+                            for name in ("mean", "std", "magnitude"))
     # Floor the std: a constant channel (std 0) would divide by zero and turn the inputs into
     # inf/NaN -- the very failure this lab reproduces on purpose elsewhere. 1e-3 of the channel's
     # magnitude (at least 1e-3) keeps the division finite and leaves real channels untouched.

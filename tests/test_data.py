@@ -566,3 +566,27 @@ def test_shard_batch_multi_process_builds_the_global_batch():
         assert worker.returncode == 0, stderr[-2000:]
         # Each process sees the whole global batch's sum (0 + 1 + ... + 15) through the collective.
         assert stdout.strip().splitlines()[-1] == "OK 120.0"  # gloo prints its own lines first
+
+
+@pytest.mark.parametrize("rows, columns, offset", [(1, 1, 0.0), (70_001, 3, 0.0), (70_001, 3, 1e6),
+                                                   (4097, 5, -300.0), (131_072, 1, 12.5)])
+def test_column_moments_match_numpy_two_pass_float64(rows, columns, offset):
+    """Chunked, shifted float64 sums (a chunk edge and an uneven fold inside) give numpy's two-pass
+    float64 mean and std to ~1e-12, even with a mean 1e6 times the spread; magnitude exactly."""
+    rng = np.random.default_rng(rows + columns)
+    values = (rng.normal(size=(rows, columns)) * rng.uniform(0.5, 3, size=columns) + offset).astype(np.float32)
+    moments = data.column_moments(values)
+    reference = values.astype(np.float64)
+    assert moments.count == rows
+    np.testing.assert_allclose(moments.mean, reference.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moments.std, reference.std(axis=0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(moments.magnitude, np.abs(reference).max(axis=0))
+
+
+def test_column_moments_comparison_can_fail():
+    """The check above has teeth: a float32 one-pass variance at a 1e4 offset misses by far more."""
+    values = (np.random.default_rng(0).normal(size=(70_001, 1)) + 1e4).astype(np.float32)
+    naive = np.sqrt(np.mean(values * values) - np.mean(values) ** 2)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(naive, values.astype(np.float64).std(), rtol=1e-9)
+    _raises_one_line(ValueError, r"non-empty 2-D array, got shape \(3,\)", data.column_moments, np.ones(3))
