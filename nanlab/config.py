@@ -35,9 +35,9 @@ MODELS = ("inception_v3", "small_cnn")
 # "tuned" times each convolution shape's formulations on this machine at first use and caches the picks.
 CONV_IMPLS = ("auto", "fast", "xla", "tuned")
 # Who runs the convolutions of the train step and of evaluation on CPU (`nanlab.models.conv.LIBRARIES`):
-# XLA's default (YNNPACK) or Eigen; "eigen-eval" keeps the default for the train step and Eigen for
-# evaluation (on the Intel Xeon of bench_model.md: the faster train step, and 1.3x faster inference).
-CONV_LIBRARIES = ("default", "eigen", "eigen-eval")
+# XLA's default (YNNPACK) or Eigen for both; "eigen-eval"/"eigen-train" Eigen for one of them only;
+# "tuned" times both libraries for each program at first use on this machine and caches the picks.
+CONV_LIBRARIES = ("default", "eigen", "eigen-eval", "eigen-train", "tuned")
 LOSSES = (
     "sigmoid_binary_cross_entropy",
     "naive_sigmoid_binary_cross_entropy",
@@ -90,7 +90,7 @@ class TrainConfig:
     use_batchnorm: bool = True
     dtype: str = "float32"
     conv_impl: str = "auto"  # tuned: per convolution shape, the formulation measured fastest here (opt-in)
-    conv_library: str = "default"  # who runs the convolutions on CPU: default (YNNPACK), eigen, eigen-eval
+    conv_library: str = "default"  # who runs the convolutions on CPU: default (YNNPACK), eigen, ..., tuned
     dropout_rate: float = 0.0
     bn_recalibration_batches: int = 8  # training batches whose BatchNorm moments evaluation uses
     # Loss and optimizer.
@@ -298,9 +298,18 @@ def conv_library_of(config: TrainConfig, program: str) -> str:
     or of the forward-only programs, evaluation and BatchNorm recalibration ("eval")."""
     if program not in ("train", "eval"):
         raise ValueError(f"program must be 'train' or 'eval', got {program!r}")
-    if config.conv_library == "eigen-eval":
-        return "eigen" if program == "eval" else "default"
+    if config.conv_library == "tuned":
+        raise ValueError("conv_library 'tuned' is resolved by measuring (nanlab.train) before it names a library")
+    if config.conv_library in ("eigen-eval", "eigen-train"):
+        return "eigen" if config.conv_library == f"eigen-{program}" else "default"
     return config.conv_library
+
+
+def conv_library_mode(train: str, eval: str) -> str:
+    """The `CONV_LIBRARIES` mode that runs the train step with `train` and evaluation with `eval`."""
+    if train == eval:
+        return train
+    return "eigen-train" if train == "eigen" else "eigen-eval"
 
 
 def describe_scenarios() -> str:

@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "times each convolution shape's formulations on this machine at first use (tens of seconds) and "
         f"caches the picks under the user's cache directory (NANLAB_CONV_TUNING moves it) ({d('conv_impl')})")
     add("--conv-library", help=f"who runs the convolutions on CPU: {', '.join(config_lib.CONV_LIBRARIES)}; default is "
-        "XLA's choice (YNNPACK), eigen XLA's runtime (Eigen) for every program, eigen-eval Eigen for evaluation "
-        f"only; which is faster depends on the machine: benchmarks/bench_model.py --conv-libraries ({d('conv_library')})")
+        "XLA's choice (YNNPACK), eigen XLA's runtime (Eigen) for every program, eigen-eval/eigen-train Eigen for one "
+        "program only, tuned times the train and evaluation steps on both at first use on this machine (two extra "
+        f"compiles of each) and caches the picks next to --conv-impl tuned's ({d('conv_library')})")
     add("--dropout-rate", type=float, help=f"dropout before the head ({d('dropout_rate')})")
     add("--bn-recalibration-batches", type=int, help="evaluate with BatchNorm moments recomputed on this many "
         f"training batches under the current weights (precise BN); 0: the running averages ({d('bn_recalibration_batches')})")
@@ -528,7 +529,10 @@ def _build_parts(config: config_lib.TrainConfig, pipeline=None) -> _Parts:
     model = models.build(config, num_classes)
     sample_x = jnp.zeros((config.batch_size,) + tuple(image_shape), jnp.float32)
     if config.conv_impl == "tuned" and config.model == "inception_v3":
-        _tune_convolutions(model, sample_x, config_lib.conv_library_of(config, "train"))
+        # With --conv-library tuned the shapes are timed on XLA's default library, before the
+        # program-level pick (which then times the whole step built from these picks).
+        library = "default" if config.conv_library == "tuned" else config_lib.conv_library_of(config, "train")
+        _tune_convolutions(model, sample_x, library)
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
     # Runs once per run: compiled without XLA's optimization passes (see compile_cache).
@@ -638,6 +642,49 @@ def _step_fns(config: config_lib.TrainConfig, parts: _Parts) -> _StepFns:
     )
 
 
+def _tune_conv_library(config: config_lib.TrainConfig, parts: _Parts, fns: _StepFns, state) -> config_lib.TrainConfig:
+    """--conv-library tuned: time the train step and the evaluation step compiled for each convolution
+    library (`nanlab.models.conv.LIBRARIES`) on this machine, or read the picks cached for this model,
+    shape and formulation; one line on stderr.
+
+    Returns:
+      `config` with the concrete `conv_library` mode that runs each program on its pick.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from nanlab import step as step_lib
+    from nanlab.models import conv as conv_lib
+    from nanlab.models import conv_tuning
+
+    batch = parts.feed.batch_of(0)
+    mask = jnp.ones(config.batch_size, jnp.float32)
+    programs = {
+        "train": lambda options: (lambda step: lambda: jax.block_until_ready(step(state, batch)))(
+            jax.jit(fns.train_step, compiler_options=options)),
+        "eval": lambda options: (lambda step: lambda: jax.block_until_ready(step(state, batch, mask)))(
+            jax.jit(step_lib.make_eval_step(parts.model, parts.loss_fn), compiler_options=options)),
+    }
+    shape = (f"{config.model} w{config.width_multiplier} {config.image_size}px b{config.batch_size} {config.dtype} "
+             f"conv {config.conv_impl} bn {config.use_batchnorm} stats {config.stats_every > 0} "
+             f"devices {parts.placer.num_devices}")
+    start, path = time.perf_counter(), conv_tuning.default_path()
+    picks, notes = {}, []
+    for program, build in programs.items():
+        try:
+            picks[program], medians = conv_tuning.ensure_program_library(
+                f"{program} | {shape}", lambda library: build(conv_lib.compiler_options(library)), path=path)
+        except conv_tuning.CachedPickError as error:  # the pick stands; only later runs lose it
+            picks[program], medians = error.library, error.medians
+            print(f"{PROG}: warning: --conv-library tuned: could not write {path} ({error.strerror}); "
+                  "the picks are used for this run only", file=sys.stderr)
+        other = min(medians[name] for name in medians if name != picks[program]) if medians else None
+        notes.append(f"{program} on {picks[program]}"
+                     + (f" ({other / medians[picks[program]]:.2f}x the other)" if medians else " (cached)"))
+    print(f"{PROG}: --conv-library tuned: {', '.join(notes)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return dataclasses.replace(config, conv_library=config_lib.conv_library_mode(picks["train"], picks["eval"]))
+
+
 def conv_compiler_options(config: config_lib.TrainConfig, program: str) -> dict[str, str] | None:
     """XLA's options for the convolutions of the train step (program "train") or of the forward-only
     programs, evaluation and BatchNorm recalibration ("eval"), as --conv-library asks."""
@@ -694,9 +741,16 @@ def _run(config: config_lib.TrainConfig) -> int:
         resources.callback(checkpointer.close)
         # A second Ctrl-C aborts at once, maybe inside a save: leave only complete checkpoints.
         resources.push(lambda kind, *_: checkpointer.remove_temporary() if kind is KeyboardInterrupt else None)
-        fns = _step_fns(config, parts)
-        guarded = _guard_step(config, fns)
-        start_step, state = _initial_state(config, parts, checkpointer)
+        if config.conv_library == "tuned":  # the programs' libraries, measured here (or cached)
+            fns = _step_fns(dataclasses.replace(config, conv_library="default"), parts)
+            start_step, state = _initial_state(config, parts, checkpointer)
+            libraries = _tune_conv_library(config, parts, fns, state)
+            fns = _step_fns(libraries, parts)
+        else:
+            libraries = config
+            fns = _step_fns(config, parts)
+            start_step, state = _initial_state(config, parts, checkpointer)
+        guarded = _guard_step(libraries, fns)
         _check_data_state(workdir, config, pipeline, start_step)
         summary: dict[str, Any] = {
             "preset": config.preset,

@@ -473,3 +473,43 @@ def test_bad_conv_library_exits_2_with_one_line(tmp_path, capsys):
     assert train.main(["--workdir", str(workdir), "--no-progress", "--conv-library", "mkl"]) == 2
     err = capsys.readouterr().err
     assert "--conv-library 'mkl'" in err and err.count("\n") == 1 and not workdir.exists()
+
+
+def test_conv_library_modes_name_each_programs_library():
+    for mode, train_library, eval_library in [("default", "default", "default"), ("eigen", "eigen", "eigen"),
+                                              ("eigen-eval", "default", "eigen"), ("eigen-train", "eigen", "default")]:
+        config = config_lib.make_config({"conv_library": mode}, backend="cpu")
+        assert (config_lib.conv_library_of(config, "train"), config_lib.conv_library_of(config, "eval")) == \
+            (train_library, eval_library)
+        assert config_lib.conv_library_mode(train_library, eval_library) == mode
+    with pytest.raises(ValueError, match="resolved by measuring"):
+        config_lib.conv_library_of(config_lib.make_config({"conv_library": "tuned"}, backend="cpu"), "train")
+
+
+def test_conv_library_tuned_measures_each_program_once_then_reads_the_cache(tmp_path, monkeypatch, capsys):
+    """--conv-library tuned: the train and evaluation steps are timed on each library (here the
+    real compiled programs, with a stand-in for the clock's verdict), the picks cached and used:
+    the guarded step is compiled for the train pick; a second run reads the picks."""
+    from nanlab.models import conv_tuning
+
+    monkeypatch.setenv(conv_tuning.ENV_VAR, str(tmp_path / "conv-tuning.json"))
+    timed = []
+
+    def verdict(runs, rounds):
+        for run in runs.values():
+            run()  # the programs really compile and run
+        timed.append(tuple(runs))
+        return ("eigen", {"default": 2.0, "eigen": 1.0}) if len(timed) == 1 else ("default", {"default": 1.0, "eigen": 3.0})
+
+    monkeypatch.setattr(conv_tuning, "fastest", verdict)
+    guarded_with = []
+    real_guard_step = train._guard_step
+    monkeypatch.setattr(train, "_guard_step", lambda config, fns: guarded_with.append(config.conv_library)
+                        or real_guard_step(config, fns))
+    assert train.main(_argv(tmp_path / "first", conv_library="tuned")) == 0
+    err = capsys.readouterr().err
+    assert "train on eigen (2.00x the other), eval on default (3.00x the other)" in err
+    assert timed == [("default", "eigen")] * 2 and guarded_with == ["eigen-train"]
+    assert train.main(_argv(tmp_path / "second", conv_library="tuned")) == 0
+    assert "train on eigen (cached), eval on default (cached)" in capsys.readouterr().err
+    assert len(timed) == 2 and guarded_with == ["eigen-train"] * 2

@@ -37,7 +37,8 @@ from nanlab.machine import cpu_model
 from nanlab.models import conv as conv_lib
 
 __all__ = ["ENV_VAR", "candidates", "machine_id", "default_path", "record_conv_keys", "conv_keys_of",
-           "time_choice", "tune", "load", "save", "activate", "active", "ensure_tuned", "ensure_tuned_model"]
+           "time_choice", "tune", "load", "save", "activate", "active", "ensure_tuned", "ensure_tuned_model",
+           "fastest", "ensure_program_library", "CachedPickError"]
 
 ENV_VAR = "NANLAB_CONV_TUNING"  # 'off' keeps the fixed choices; a path moves the cache file
 KERNEL_GRAD_CHOICES = tuple(f"fast:{name}" for name in conv_lib.KERNEL_GRADS)
@@ -170,17 +171,18 @@ def tune(keys: Iterable[str], *, repeats: int = 3,
 # ----------------------------------------------------------------------------------------- cache
 
 
-def load(path: Path, machine: str) -> dict[str, str]:
+def load(path: Path, machine: str, valid: Iterable[str] | None = None) -> dict[str, str]:
     """This machine's table from the cache file ({} when the file or the machine is not there).
 
-    A cache file that does not parse is treated as empty (it is rewritten whole on the next save).
+    A cache file that does not parse is treated as empty (it is rewritten whole on the next save);
+    entries whose value is not in `valid` (default: the formulation choices) are dropped.
     """
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
     table = data.get(machine, {}) if isinstance(data, dict) else {}
-    valid = set(KERNEL_GRAD_CHOICES) | {"xla", "fast"}
+    valid = set(valid) if valid is not None else set(KERNEL_GRAD_CHOICES) | {"xla", "fast"}
     return {k: v for k, v in table.items() if isinstance(v, str) and v in valid}
 
 
@@ -255,3 +257,68 @@ def ensure_tuned_model(model: Any, x: Any, *, path: Path | None,
     variables = jax.eval_shape(lambda batch: model.init(jax.random.key(0), batch, train=False), x)
     return ensure_tuned(lambda v, batch: model.apply(v, batch, train=True, mutable=["batch_stats"]),
                         variables, x, path=path, library=library)
+
+
+# ------------------------------------------------------------------- a whole program's library
+
+
+def fastest(runs: dict[str, Callable[[], Any]], *, rounds: int = 3,
+            clock: Callable[[], float] = time.perf_counter) -> tuple[str, dict[str, float]]:
+    """The fastest of whole-program variants, timed interleaved on this machine.
+
+    Each run is called once untimed (it compiles), then `rounds` times in turn with the others, so
+    that a change in the machine's load hits every variant alike; ties go to the first.
+
+    Returns:
+      (the name whose median call was shortest, {name: median seconds}).
+    """
+    if not runs:
+        raise ValueError("fastest needs at least one run")
+    for run in runs.values():
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = clock()
+            run()
+            seconds[name].append(clock() - start)
+    medians = {name: float(np.median(times)) for name, times in seconds.items()}
+    return min(medians, key=medians.get), medians
+
+
+def ensure_program_library(program: str, time_program: Callable[[str], Callable[[], Any]], *,
+                           path: Path | None, rounds: int = 3) -> tuple[str, dict[str, float] | None]:
+    """The convolution library (`conv.LIBRARIES`) a program runs fastest with here, timed once and cached.
+
+    Args:
+      program: the cache key of the program: what its speed depends on besides the machine (which
+        program, the model, its shapes and dtype, the formulations).
+      time_program: ``library -> run``: builds the program compiled for that library and returns
+        a call of it on representative inputs (blocking until its outputs are ready).
+      path: the cache file; None measures every time.
+
+    Returns:
+      (the library, {library: median seconds} when measured now or None when read from the cache).
+
+    Raises:
+      CachedPickError: (an OSError) the cache file could not be written; it carries the pick.
+    """
+    key = f"{machine_id()} | programs"
+    cached = load(path, key, valid=conv_lib.LIBRARIES) if path is not None else {}
+    if program in cached:
+        return cached[program], None
+    library, medians = fastest({name: time_program(name) for name in conv_lib.LIBRARIES}, rounds=rounds)
+    if path is not None:
+        try:
+            save(path, key, {program: library})
+        except OSError as error:
+            raise CachedPickError(library, medians, error) from error
+    return library, medians
+
+
+class CachedPickError(OSError):
+    """A measured pick whose cache file could not be written; the pick is in `.library`."""
+
+    def __init__(self, library: str, medians: dict[str, float], error: OSError):
+        super().__init__(error.errno, error.strerror or str(error))
+        self.library, self.medians = library, medians

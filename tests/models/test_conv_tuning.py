@@ -206,3 +206,52 @@ def test_time_choice_compiles_for_the_library():
     for library, fusions in (("eigen", False), ("default", True)):
         text = conv_tuning._train_pass("xla", strides, padding, library).lower(x, kernel, cotangent).compile().as_text()
         assert ("%ynn_fusion" in text) == (fusions and jax.__version_info__ >= (0, 10, 0)), library
+
+
+def test_fastest_times_every_run_interleaved_and_keeps_the_least_median():
+    calls, now = [], [0.0]
+    cost = {"a": 3.0, "b": 1.0, "c": 2.0}
+
+    def run(name):
+        def call():
+            calls.append(name)
+            now[0] += cost[name]
+        return call
+
+    name, medians = conv_tuning.fastest({n: run(n) for n in cost}, rounds=2, clock=lambda: now[0])
+    assert name == "b" and medians == cost
+    assert calls == ["a", "b", "c"] + ["a", "b", "c"] * 2  # one untimed call each, then in turn
+    with pytest.raises(ValueError, match="at least one"):
+        conv_tuning.fastest({})
+
+
+def test_program_library_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    path = tmp_path / "conv-tuning.json"
+    built = []
+
+    def time_program(library):
+        built.append(library)
+        return lambda: None
+
+    monkeypatch.setattr(conv_tuning, "fastest", lambda runs, rounds: ("eigen", {"default": 2.0, "eigen": 1.0}))
+    assert conv_tuning.ensure_program_library("train | m", time_program, path=path) == \
+        ("eigen", {"default": 2.0, "eigen": 1.0})
+    assert built == list(conv_lib.LIBRARIES)
+    assert conv_tuning.ensure_program_library("train | m", time_program, path=path) == ("eigen", None)
+    assert built == list(conv_lib.LIBRARIES)  # nothing built or timed the second time
+    data = json.loads(path.read_text())
+    assert data[f"{conv_tuning.machine_id()} | programs"] == {"train | m": "eigen"}
+    # The formulation table of the same machine does not take program picks for formulations.
+    assert conv_tuning.load(path, conv_tuning.machine_id()) == {}
+
+
+def test_a_program_pick_that_cannot_be_cached_is_still_returned(tmp_path, monkeypatch):
+    monkeypatch.setattr(conv_tuning, "fastest", lambda runs, rounds: ("eigen", {"default": 2.0, "eigen": 1.0}))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(conv_tuning, "save", full_disk)
+    with pytest.raises(conv_tuning.CachedPickError) as caught:
+        conv_tuning.ensure_program_library("eval | m", lambda library: (lambda: None), path=tmp_path / "c.json")
+    assert caught.value.library == "eigen" and caught.value.strerror == "No space left on device"
