@@ -659,11 +659,15 @@ def _tune_conv_library(config: config_lib.TrainConfig, parts: _Parts, fns: _Step
 
     batch = parts.feed.batch_of(0)
     mask = jnp.ones(config.batch_size, jnp.float32)
+    eval_step = step_lib.make_eval_step(parts.model, parts.loss_fn)
+
+    def blocking(fn, *args):
+        return lambda: jax.block_until_ready(fn(*args))
+
+    # program -> (library's XLA options -> one timed call of the program compiled with them)
     programs = {
-        "train": lambda options: (lambda step: lambda: jax.block_until_ready(step(state, batch)))(
-            jax.jit(fns.train_step, compiler_options=options)),
-        "eval": lambda options: (lambda step: lambda: jax.block_until_ready(step(state, batch, mask)))(
-            jax.jit(step_lib.make_eval_step(parts.model, parts.loss_fn), compiler_options=options)),
+        "train": lambda options: blocking(jax.jit(fns.train_step, compiler_options=options), state, batch),
+        "eval": lambda options: blocking(jax.jit(eval_step, compiler_options=options), state, batch, mask),
     }
     shape = (f"{config.model} w{config.width_multiplier} {config.image_size}px b{config.batch_size} {config.dtype} "
              f"conv {config.conv_impl} bn {config.use_batchnorm} stats {config.stats_every > 0} "
@@ -761,6 +765,7 @@ def _run(config: config_lib.TrainConfig) -> int:
             "input_stats": parts.input_stats,
             "resumed_from": start_step if config.resume else None,
             "compile_cache": str(cache_dir) if cache_dir is not None else None,
+            "conv_library": libraries.conv_library,  # --conv-library tuned: the measured mode
         }
         runlog = RunLog(workdir, {**config.to_dict(), "workdir": str(workdir)}, total_steps=config.steps,
                         start_step=start_step, progress=config.progress, tensorboard=config.tensorboard)

@@ -510,6 +510,7 @@ def test_conv_library_tuned_measures_each_program_once_then_reads_the_cache(tmp_
     err = capsys.readouterr().err
     assert "train on eigen (2.00x the other), eval on default (3.00x the other)" in err
     assert timed == [("default", "eigen")] * 2 and guarded_with == ["eigen-train"]
+    assert json.loads((tmp_path / "first" / "summary.json").read_text())["conv_library"] == "eigen-train"
     assert train.main(_argv(tmp_path / "second", conv_library="tuned")) == 0
     assert "train on eigen (cached), eval on default (cached)" in capsys.readouterr().err
     assert len(timed) == 2 and guarded_with == ["eigen-train"] * 2
