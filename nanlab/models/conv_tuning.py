@@ -199,6 +199,7 @@ def save(path: Path, machine: str, table: dict[str, str]) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as out:
         try:
             json.dump(data, out, indent=1, sort_keys=True)
+            out.flush()  # a full disk fails here for a small file, while the file is still ours to remove
         except OSError:  # a full disk: leave no half-written temporary file behind
             out.close()
             os.unlink(out.name)

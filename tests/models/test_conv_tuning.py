@@ -255,3 +255,39 @@ def test_a_program_pick_that_cannot_be_cached_is_still_returned(tmp_path, monkey
     with pytest.raises(conv_tuning.CachedPickError) as caught:
         conv_tuning.ensure_program_library("eval | m", lambda library: (lambda: None), path=tmp_path / "c.json")
     assert caught.value.library == "eigen" and caught.value.strerror == "No space left on device"
+
+
+def test_a_full_disk_at_flush_leaves_no_temporary(tmp_path, monkeypatch):
+    """A small JSON file hits a full disk when its buffer is flushed, not in json.dump: the
+    temporary file is removed all the same and the earlier cache file stays."""
+    import tempfile
+
+    path = tmp_path / "conv-tuning.json"
+    conv_tuning.save(path, "m", {"k": "xla"})
+    real = tempfile.NamedTemporaryFile
+
+    class FullDisk:
+        def __init__(self, *args, **kwargs):
+            self._file = real(*args, **kwargs)
+            self.name = self._file.name
+
+        def write(self, text):
+            return self._file.write(text)
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self._file.close()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._file.close()
+
+    monkeypatch.setattr(conv_tuning.tempfile, "NamedTemporaryFile", FullDisk)
+    with pytest.raises(OSError, match="No space left"):
+        conv_tuning.save(path, "m", {"k": "fast"})
+    assert list(tmp_path.iterdir()) == [path]
+    assert conv_tuning.load(path, "m") == {"k": "xla"}
