@@ -226,7 +226,7 @@ class GuardedStep:
                  workdir: str | Path | None = None, history: Sequence[Mapping[str, Any]] | None = None,
                  finite: Callable[[Any], Any] | None = None, gate_kwarg: str | None = None,
                  verbose: bool = True, replay: Callable[[int, tuple, Any], NonFiniteError] | None = None,
-                 compiler_options: Mapping[str, Any] | None = None):
+                 compiler_options: Mapping[str, Any] | None = None, jit: Callable[..., Any] | None = None):
         if not callable(fn):
             raise TypeError(f"guard needs a callable step, got {fn!r}")
         if not (isinstance(check_every, int) and check_every >= 1):
@@ -249,7 +249,7 @@ class GuardedStep:
         self.history, self.verbose, self.replay = history, verbose, replay
         self.events: list[NonFiniteError] = []
         self._layout: dict[str, bool] = {}
-        self._jitted = jax.jit(_guarded_body(fn, finite, gate_kwarg, self._layout),
+        self._jitted = (jit or jax.jit)(_guarded_body(fn, finite, gate_kwarg, self._layout),
                                donate_argnums=tuple(i + 1 for i in self.donate_argnums),
                                static_argnums=tuple(i + 1 for i in self.static_argnums),
                                compiler_options=None if compiler_options is None else dict(compiler_options))
@@ -318,6 +318,8 @@ class GuardedStep:
             _check_arrays((state, *args), self.static_argnums)
             raise
         self._calls += 1
+        if "bare" not in self._layout:  # an executable loaded by `jit=` ran without tracing the body
+            self._layout["bare"] = _returns_bare_state(outputs, state)
         aux = aux_of(outputs, self._layout)
         self._kept[index] = _Call(args, aux)
         self._rows.append((index, aux))
@@ -395,7 +397,7 @@ def guard(fn: Callable | None = None, /, *, donate_argnums: int | Sequence[int] 
           workdir: str | Path | None = None, history: Sequence[Mapping[str, Any]] | None = None,
           finite: Callable[[Any], Any] | None = None, gate_kwarg: str | None = None,
           verbose: bool = True, replay: Callable[[int, tuple, Any], NonFiniteError] | None = None,
-          compiler_options: Mapping[str, Any] | None = None,
+          compiler_options: Mapping[str, Any] | None = None, jit: Callable[..., Any] | None = None,
           ) -> GuardedStep | Callable[[Callable], GuardedStep]:
     """Jit a pure step with nanlab's sentinel, gate and replay; usable as ``@guard`` or ``@guard(...)``.
 
@@ -427,13 +429,17 @@ def guard(fn: Callable | None = None, /, *, donate_argnums: int | Sequence[int] 
         numbers steps from a resumed run's start and writes its own report.json keys).
       compiler_options: as `jax.jit`'s: XLA options for the guarded executable (e.g.
         `nanlab.models.conv.compiler_options(library)`).
+      jit: what compiles the guarded program, called as `jax.jit` (the default) with the keyword
+        arguments above; e.g. `nanlab.program_store.ProgramStore.jit`, which loads the executable a
+        previous run stored instead of tracing the step again.
 
     Returns:
       A `GuardedStep`.
     """
     options = dict(donate_argnums=donate_argnums, static_argnums=static_argnums, check_every=check_every,
                    on_failure=on_failure, allow=allow, workdir=workdir, history=history, finite=finite,
-                   gate_kwarg=gate_kwarg, verbose=verbose, replay=replay, compiler_options=compiler_options)
+                   gate_kwarg=gate_kwarg, verbose=verbose, replay=replay, compiler_options=compiler_options,
+                   jit=jit)
     if fn is None:
         return lambda f: GuardedStep(f, **options)
     return GuardedStep(fn, **options)

@@ -506,7 +506,7 @@ def _stream_input_stats(pipeline, config: config_lib.TrainConfig, normalizer: di
             "over": f"the first training batch ({len(x)} images)"}
 
 
-def _build_parts(config: config_lib.TrainConfig, pipeline=None) -> _Parts:
+def _build_parts(config: config_lib.TrainConfig, pipeline=None, store=None) -> _Parts:
     import jax
     import jax.numpy as jnp
 
@@ -536,8 +536,9 @@ def _build_parts(config: config_lib.TrainConfig, pipeline=None) -> _Parts:
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
     # Runs once per run: compiled without XLA's optimization passes (see compile_cache).
-    init = jax.jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed),
-                   compiler_options=compile_cache.RUN_ONCE_OPTIONS)
+    jit = store.jit("init", **_program_parts(config)) if store is not None else jax.jit
+    init = jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed),
+               compiler_options=compile_cache.RUN_ONCE_OPTIONS)
     return _Parts(feed, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
 
 
@@ -619,7 +620,7 @@ class _StepFns(NamedTuple):
     moments: Any  # BatchNorm moments of a batch, for precise-BN evaluation
 
 
-def _step_fns(config: config_lib.TrainConfig, parts: _Parts) -> _StepFns:
+def _step_fns(config: config_lib.TrainConfig, parts: _Parts, store=None) -> _StepFns:
     import jax
     import jax.numpy as jnp
 
@@ -633,12 +634,19 @@ def _step_fns(config: config_lib.TrainConfig, parts: _Parts) -> _StepFns:
     train_step = step_lib.make_train_step(parts.model, parts.loss_fn, parts.tx, schedule=parts.schedule,
                                           skip_nonfinite=config.skip_nonfinite, collect_stats=config.stats_every > 0)
     forward_only = conv_compiler_options(config, "eval")
+
+    def stored(name):  # the forward-only programs: loaded from the store when it holds them
+        if store is None:
+            return jax.jit
+        return store.jit(name, **_program_parts(config), conv_library=config_lib.conv_library_of(config, "eval"))
+
     return _StepFns(
         train_step=train_step,
         telemetry=jax.jit(step_lib.update_telemetry),
         snapshot=jax.jit(lambda params: jax.tree.map(jnp.copy, params)),  # one dispatch, not one per array
-        evaluate=jax.jit(step_lib.make_eval_step(parts.model, parts.loss_fn), compiler_options=forward_only),
-        moments=jax.jit(step_lib.make_batch_moments_fn(parts.model, BN_MOMENTUM), compiler_options=forward_only),
+        evaluate=stored("eval")(step_lib.make_eval_step(parts.model, parts.loss_fn), compiler_options=forward_only),
+        moments=stored("moments")(step_lib.make_batch_moments_fn(parts.model, BN_MOMENTUM),
+                                  compiler_options=forward_only),
     )
 
 
@@ -689,6 +697,42 @@ def _tune_conv_library(config: config_lib.TrainConfig, parts: _Parts, fns: _Step
     return dataclasses.replace(config, conv_library=config_lib.conv_library_mode(picks["train"], picks["eval"]))
 
 
+def _program_store(cache_dir: Path | None, config: config_lib.TrainConfig, pipeline):
+    """The run's `nanlab.program_store.ProgramStore`, beside JAX's compilation cache, with the init and
+    train programs already loading in the background; None when the cache is off, under
+    --debug-nans/--debug-infs (JAX's checks run in jax.jit's dispatch, which a stored program's call
+    skips), and on several devices (the store serves single-device processes)."""
+    import jax
+
+    if cache_dir is None or config.debug_nans or config.debug_infs or jax.device_count() != 1:
+        return None
+    from nanlab.program_store import ProgramStore
+
+    description = {name: value for name, value in config.to_dict().items() if name != "workdir"}
+    if pipeline is not None:  # a folder's classes and image size are not in the config
+        description["data_shape"] = [pipeline.num_classes, list(pipeline.image_shape)]
+    store = ProgramStore(cache_dir / "programs", description,
+                         warn=lambda line: print(f"{PROG}: warning: {line}", file=sys.stderr))
+    if config.conv_impl != "tuned" and config.conv_library != "tuned":
+        # Their keys are known before the data is built: they load in the background meanwhile, the
+        # train step and the init first (the first step waits for them).
+        forward = config_lib.conv_library_of(config, "eval")
+        store.prefetch("train", conv_library=config_lib.conv_library_of(config, "train"))
+        store.prefetch("init", **_program_parts(config))
+        store.prefetch("eval", conv_library=forward)
+        store.prefetch("moments", conv_library=forward)
+    return store
+
+
+def _program_parts(config: config_lib.TrainConfig) -> dict[str, Any]:
+    """What shapes the model's programs beyond the config: the picks --conv-impl tuned activated."""
+    if config.conv_impl != "tuned":
+        return {}
+    from nanlab.models import conv_tuning
+
+    return {"conv_picks": conv_tuning.active()}
+
+
 def conv_compiler_options(config: config_lib.TrainConfig, program: str) -> dict[str, str] | None:
     """XLA's options for the convolutions of the train step (program "train") or of the forward-only
     programs, evaluation and BatchNorm recalibration ("eval"), as --conv-library asks."""
@@ -697,7 +741,7 @@ def conv_compiler_options(config: config_lib.TrainConfig, program: str) -> dict[
     return conv_lib.compiler_options(config_lib.conv_library_of(config, program))
 
 
-def _guard_step(config: config_lib.TrainConfig, fns: _StepFns):
+def _guard_step(config: config_lib.TrainConfig, fns: _StepFns, store=None):
     """The train step under `nanlab.guard`: the step's own flag and gate, the state donated.
 
     `_Loop` sets its ``replay`` hook, which reports a failure as this run's step.
@@ -706,11 +750,14 @@ def _guard_step(config: config_lib.TrainConfig, fns: _StepFns):
     from nanlab.guard import guard
 
     debug = config.debug_nans or config.debug_infs
+    jit = None
+    if store is not None:
+        jit = store.jit("train", **_program_parts(config), conv_library=config_lib.conv_library_of(config, "train"))
     # Not donated under jax_debug_nans/infs: JAX re-runs a failing call on its arguments.
     return guard(fns.train_step, donate_argnums=() if debug else 0, check_every=config.log_every,
                  on_failure="skip" if config.skip_nonfinite else "raise",
                  finite=step_lib.guard_flag, gate_kwarg="apply_update",
-                 compiler_options=conv_compiler_options(config, "train"))
+                 compiler_options=conv_compiler_options(config, "train"), jit=jit)
 
 
 def _run(config: config_lib.TrainConfig) -> int:
@@ -731,13 +778,16 @@ def _run(config: config_lib.TrainConfig) -> int:
     workdir = Path(config.workdir) if config.workdir else default_workdir(config)
     check_workdir(workdir, config, create=False)
     pipeline = _open_stream(config)  # streamed data: bad data exits here
+    # JAX's cache first: the stored programs start compiling (loading, when it holds them) in the
+    # background at once, while the data is built.
+    compile_cache.enable(cache_dir)
+    store = _program_store(cache_dir, config, pipeline)
     try:
-        parts = _build_parts(config, pipeline)  # with --conv-impl tuned, tens of seconds
+        parts = _build_parts(config, pipeline, store)  # with --conv-impl tuned, tens of seconds
     except KeyboardInterrupt:
         print(f"{PROG}: aborted before the run folder was created; nothing was written", file=sys.stderr)
         return 130
     check_workdir(workdir, config)
-    compile_cache.enable(cache_dir)
     if config.overwrite:  # (--resume and --overwrite exclude each other)
         _clear_previous_run(workdir)
     with contextlib.ExitStack() as resources:  # closes the run log, then the checkpointer
@@ -749,12 +799,15 @@ def _run(config: config_lib.TrainConfig) -> int:
             fns = _step_fns(dataclasses.replace(config, conv_library="default"), parts)
             start_step, state = _initial_state(config, parts, checkpointer)
             libraries = _tune_conv_library(config, parts, fns, state)
-            fns = _step_fns(libraries, parts)
+            fns = _step_fns(libraries, parts, store)
         else:
             libraries = config
-            fns = _step_fns(config, parts)
+            fns = _step_fns(config, parts, store)
             start_step, state = _initial_state(config, parts, checkpointer)
-        guarded = _guard_step(libraries, fns)
+        guarded = _guard_step(libraries, fns, store)
+        # The programs of a logged step (a copy of the weights, its telemetry), compiled by running
+        # them once on the initial weights: on a warm start, while the train step still loads.
+        fns.telemetry(fns.snapshot(state.params), state.params)
         _check_data_state(workdir, config, pipeline, start_step)
         summary: dict[str, Any] = {
             "preset": config.preset,
@@ -766,6 +819,8 @@ def _run(config: config_lib.TrainConfig) -> int:
             "resumed_from": start_step if config.resume else None,
             "compile_cache": str(cache_dir) if cache_dir is not None else None,
             "conv_library": libraries.conv_library,  # --conv-library tuned: the measured mode
+            # program -> "stored" (loaded from the program store) or "compiled"; filled as they run
+            "programs": store.sources if store is not None else None,
         }
         runlog = RunLog(workdir, {**config.to_dict(), "workdir": str(workdir)}, total_steps=config.steps,
                         start_step=start_step, progress=config.progress, tensorboard=config.tensorboard)

@@ -313,6 +313,26 @@ def test_normalize_standardize_per_channel(binary):
     assert abs(float(val.mean())) < 0.1
 
 
+@pytest.mark.parametrize("mode", data.NORMALIZE_MODES)
+def test_normalize_in_place_gives_the_same_bits_as_the_textbook_formula(binary, mode):
+    x = binary.x_val[:8] * np.float32(1.5)
+    stats = data.fit_normalizer(x, mode)
+    if mode == "standardize":
+        expected = (x - np.float32(stats["mean"])) / np.float32(stats["std"])
+    elif mode == "unit":
+        expected = (x - np.float32(stats["min"])) / np.float32(stats["max"] - stats["min"])
+    else:
+        expected = x.copy()
+    fresh = data.normalize(x, mode, stats)
+    assert fresh is not x or mode == "none"
+    np.testing.assert_array_equal(fresh, expected)
+    own = x.copy()
+    assert data.normalize(own, mode, stats, out=own) is own
+    np.testing.assert_array_equal(own, expected)
+    if mode != "none":
+        np.testing.assert_array_equal(x, binary.x_val[:8] * np.float32(1.5))  # the input untouched without out=
+
+
 def test_standardize_constant_channel_stays_finite():
     x = np.zeros((4, 8, 8, 2), np.float32)
     x[..., 1] = np.arange(4, dtype=np.float32)[:, None, None]  # channel 0 is constant

@@ -187,6 +187,32 @@ def run_bare(step, state, batches):
     return caught.value
 
 
+@pytest.mark.parametrize("bare", [False, True])
+def test_a_program_loaded_from_a_store_is_guarded_and_replayed_the_same(tmp_path, bare):
+    # jit= a ProgramStore's: the second guard runs the stored program without tracing the body,
+    # so whether the step returns its state alone is learned from the first call's outputs.
+    from nanlab.program_store import ProgramStore
+
+    initial, step = optax_setup()
+    fn = (lambda state, batch: step(state, batch)[0]) if bare else step
+    errors = []
+    for _ in range(2):
+        store = ProgramStore(tmp_path, {"test": "guard"})
+        guarded = guard(fn, donate_argnums=0, verbose=False, jit=store.jit("step"))
+        state = jax.tree.map(jnp.copy, initial)
+        with pytest.raises(NonFiniteError) as caught:
+            for batch in make_batches("forward"):
+                outputs = guarded(state, batch)
+                state = outputs if bare else outputs[0]
+            guarded.check()
+        errors.append((store.sources, caught.value))
+    (first_source, first), (second_source, second) = errors
+    assert first_source == {"step": "traced"} and second_source == {"step": "stored"}
+    assert first.step == second.step == FAILING_CALL
+    assert second.report.origin.cause == first.report.origin.cause == "log-of-negative"
+    assert_same_tree(second.inputs[0], first.inputs[0])
+
+
 def test_static_arguments_and_the_decorator_forms():
     state, step = optax_setup()
 

@@ -130,6 +130,38 @@ def test_failure_scenarios_exit_3_with_report(tmp_path, capsys, scenario, cause)
     assert not any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
 
 
+def test_a_second_run_takes_its_programs_from_the_store_and_trains_the_same(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    rows, sources = [], []
+    for run in ("first", "second"):
+        assert train.main(_argv(tmp_path / run, steps=10, eval_every=5, compile_cache=str(cache))) == 0
+        rows.append(_rows_without_timing(tmp_path / run / "metrics.jsonl"))
+        sources.append(json.loads((tmp_path / run / "summary.json").read_text())["programs"])
+    assert train.main(_argv(tmp_path / "off", steps=10, eval_every=5, compile_cache="off")) == 0
+    capsys.readouterr()
+    programs = {"init", "train", "eval", "moments"}
+    assert sources[0] == {name: "traced" for name in programs}
+    assert sources[1] == {name: "stored" for name in programs}
+    assert json.loads((tmp_path / "off" / "summary.json").read_text())["programs"] is None
+    assert rows[0] == rows[1] == _rows_without_timing(tmp_path / "off" / "metrics.jsonl")
+    assert len(list((cache / "programs").iterdir())) == len(programs)
+
+
+def test_a_failure_of_a_stored_train_step_is_replayed_and_reported_the_same(tmp_path, capsys):
+    reports = []
+    for run in ("first", "second"):
+        workdir = tmp_path / run
+        code = train.main(_argv(workdir, scenario="naive-loss", steps=30, compile_cache=str(tmp_path / "cache")))
+        assert code == 3
+        summary = json.loads((workdir / "summary.json").read_text())
+        assert summary["programs"]["train"] == ("traced" if run == "first" else "stored")
+        reports.append(json.loads((workdir / "report.json").read_text()))
+    capsys.readouterr()
+    first, second = reports
+    assert second["step"] == first["step"] and second["verdict"] == first["verdict"]
+    assert second["report"]["origin"] == first["report"]["origin"]
+
+
 @pytest.mark.parametrize("log_every", [1, 5])
 def test_update_overflow_from_finite_gradients_is_reported_as_learning_rate_too_high(tmp_path, capsys, log_every):
     # lr 1e39 is inf in float32: step 0's gradients are finite, its update is not. Logged (every
@@ -504,8 +536,8 @@ def test_conv_library_tuned_measures_each_program_once_then_reads_the_cache(tmp_
     monkeypatch.setattr(conv_tuning, "fastest", verdict)
     guarded_with = []
     real_guard_step = train._guard_step
-    monkeypatch.setattr(train, "_guard_step", lambda config, fns: guarded_with.append(config.conv_library)
-                        or real_guard_step(config, fns))
+    monkeypatch.setattr(train, "_guard_step", lambda config, fns, store=None: guarded_with.append(config.conv_library)
+                        or real_guard_step(config, fns, store))
     assert train.main(_argv(tmp_path / "first", conv_library="tuned")) == 0
     err = capsys.readouterr().err
     assert "train on eigen (2.00x the other), eval on default (3.00x the other)" in err
