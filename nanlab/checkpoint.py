@@ -59,6 +59,16 @@ def nonfinite_leaves(state: Any) -> list[str]:
     return bad
 
 
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints in `directory`, ascending, without opening a manager (none
+    when it does not exist): orbax names a finished checkpoint by its step and writes it under a
+    temporary name first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(path.name) for path in directory.iterdir() if path.is_dir() and path.name.isdigit())
+
+
 class Checkpointer:
     """Saves and restores `TrainState`s under ``<workdir>/checkpoints/<step>``.
 

@@ -24,7 +24,8 @@ and places the next --prefetch batches while the current step runs (`_Feed`).
 Ctrl-C (SIGINT) or SIGTERM stops the run at the next step boundary: the pending steps are checked,
 a checkpoint of the last finite state is saved, summary.json says `interrupted`, one line says how
 to resume, and the exit code is 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C aborts at once
-(checkpoints are atomic, so only complete ones remain). A corrupt newest checkpoint is skipped on
+(checkpoints are atomic, so only complete ones remain; the line names the newest), as does one
+before the loop (`_aborted`: nothing to resume yet). A corrupt newest checkpoint is skipped on
 --resume for the newest intact one, with one line saying which and why.
 With --skip-nonfinite the step's optax guard drops the update and the run goes on (the guard's
 "skip" mode); the loop then reads the guard's carry every step until the first event is reported,
@@ -447,8 +448,8 @@ def run(config: config_lib.TrainConfig) -> int:
         return _cli.report_bad_input(PROG, error)
     except DataError as error:  # met while streaming: an unreadable image (named), with --on-bad-image error
         return _cli.report_bad_input(PROG, f"--data {config.data}: {error}")
-    except KeyboardInterrupt:  # the second Ctrl-C: abort without a traceback
-        print(f"{PROG}: aborted; resume with --resume from the last complete checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run folder exists (after, `_run` says what is left)
+        print(f"{PROG}: aborted before the run folder was created; nothing was written", file=sys.stderr)
         return 130
 
 
@@ -782,62 +783,76 @@ def _run(config: config_lib.TrainConfig) -> int:
     # background at once, while the data is built.
     compile_cache.enable(cache_dir)
     store = _program_store(cache_dir, config, pipeline)
-    try:
-        parts = _build_parts(config, pipeline, store)  # with --conv-impl tuned, tens of seconds
-    except KeyboardInterrupt:
-        print(f"{PROG}: aborted before the run folder was created; nothing was written", file=sys.stderr)
-        return 130
+    parts = _build_parts(config, pipeline, store)  # with --conv-impl tuned, tens of seconds (Ctrl-C: `run`)
     check_workdir(workdir, config)
-    if config.overwrite:  # (--resume and --overwrite exclude each other)
-        _clear_previous_run(workdir)
-    with contextlib.ExitStack() as resources:  # closes the run log, then the checkpointer
-        checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-        resources.callback(checkpointer.close)
-        # A second Ctrl-C aborts at once, maybe inside a save: leave only complete checkpoints.
-        resources.push(lambda kind, *_: checkpointer.remove_temporary() if kind is KeyboardInterrupt else None)
-        if config.conv_library == "tuned":  # the programs' libraries, measured here (or cached)
-            fns = _step_fns(dataclasses.replace(config, conv_library="default"), parts)
-            start_step, state = _initial_state(config, parts, checkpointer)
-            libraries = _tune_conv_library(config, parts, fns, state)
-            fns = _step_fns(libraries, parts, store)
-        else:
-            libraries = config
-            fns = _step_fns(config, parts, store)
-            start_step, state = _initial_state(config, parts, checkpointer)
-        guarded = _guard_step(libraries, fns, store)
-        # The programs of a logged step (a copy of the weights, its telemetry), compiled by running
-        # them once on the initial weights: on a warm start, while the train step still loads.
-        fns.telemetry(fns.snapshot(state.params), state.params)
-        _check_data_state(workdir, config, pipeline, start_step)
-        summary: dict[str, Any] = {
-            "preset": config.preset,
-            "scenario": config.scenario,
-            "workdir": str(workdir),
-            "devices": parts.placer.num_devices,
-            "backend": jax.default_backend(),
-            "input_stats": parts.input_stats,
-            "resumed_from": start_step if config.resume else None,
-            "compile_cache": str(cache_dir) if cache_dir is not None else None,
-            "conv_library": libraries.conv_library,  # --conv-library tuned: the measured mode
-            # program -> "stored" (loaded from the program store) or "compiled"; filled as they run
-            "programs": store.sources if store is not None else None,
-        }
-        runlog = RunLog(workdir, {**config.to_dict(), "workdir": str(workdir)}, total_steps=config.steps,
-                        start_step=start_step, progress=config.progress, tensorboard=config.tensorboard)
-        resources.callback(runlog.close)
-        print(f"{PROG}: preset {config.preset}, scenario {config.scenario}, {parts.placer.num_devices} device(s), "
-              f"inputs raw {_fmt_stats(parts.input_stats['raw'])} -> normalized "
-              f"{_fmt_stats(parts.input_stats['normalized'])}", file=sys.stderr)
-        loop = _Loop(config, workdir, parts, fns, guarded, runlog, checkpointer, summary, start_step)
-        with StopOnSignal() as loop.stop:
-            exit_code = loop.run(state)
-        if parts.feed.summary() is not None:
-            summary["data"] = parts.feed.summary()
-        if exit_code == EXIT_OK:
-            exit_code = _check_validation(summary, runlog.rows)
-    _complete_summary(summary, runlog.rows, exit_code, loop, wall_start)
-    runlog.finish(summary, plots=config.plots)
-    return exit_code
+    try:  # the run folder exists from here on
+        if config.overwrite:  # (--resume and --overwrite exclude each other)
+            _clear_previous_run(workdir)
+        with contextlib.ExitStack() as resources:  # closes the run log, then the checkpointer
+            checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+            resources.callback(checkpointer.close)
+            # A second Ctrl-C aborts at once, maybe inside a save: leave only complete checkpoints.
+            resources.push(lambda kind, *_: checkpointer.remove_temporary() if kind is KeyboardInterrupt else None)
+            if config.conv_library == "tuned":  # the programs' libraries, measured here (or cached)
+                fns = _step_fns(dataclasses.replace(config, conv_library="default"), parts)
+                start_step, state = _initial_state(config, parts, checkpointer)
+                libraries = _tune_conv_library(config, parts, fns, state)
+                fns = _step_fns(libraries, parts, store)
+            else:
+                libraries = config
+                fns = _step_fns(config, parts, store)
+                start_step, state = _initial_state(config, parts, checkpointer)
+            guarded = _guard_step(libraries, fns, store)
+            # The programs of a logged step (a copy of the weights, its telemetry), compiled by running
+            # them once on the initial weights: on a warm start, while the train step still loads.
+            fns.telemetry(fns.snapshot(state.params), state.params)
+            _check_data_state(workdir, config, pipeline, start_step)
+            summary: dict[str, Any] = {
+                "preset": config.preset,
+                "scenario": config.scenario,
+                "workdir": str(workdir),
+                "devices": parts.placer.num_devices,
+                "backend": jax.default_backend(),
+                "input_stats": parts.input_stats,
+                "resumed_from": start_step if config.resume else None,
+                "compile_cache": str(cache_dir) if cache_dir is not None else None,
+                "conv_library": libraries.conv_library,  # --conv-library tuned: the measured mode
+                # program -> "stored" (loaded from the program store) or "compiled"; filled as they run
+                "programs": store.sources if store is not None else None,
+            }
+            runlog = RunLog(workdir, {**config.to_dict(), "workdir": str(workdir)}, total_steps=config.steps,
+                            start_step=start_step, progress=config.progress, tensorboard=config.tensorboard)
+            resources.callback(runlog.close)
+            print(f"{PROG}: preset {config.preset}, scenario {config.scenario}, {parts.placer.num_devices} device(s), "
+                  f"inputs raw {_fmt_stats(parts.input_stats['raw'])} -> normalized "
+                  f"{_fmt_stats(parts.input_stats['normalized'])}", file=sys.stderr)
+            loop = _Loop(config, workdir, parts, fns, guarded, runlog, checkpointer, summary, start_step)
+            with StopOnSignal() as loop.stop:
+                exit_code = loop.run(state)
+            if parts.feed.summary() is not None:
+                summary["data"] = parts.feed.summary()
+            if exit_code == EXIT_OK:
+                exit_code = _check_validation(summary, runlog.rows)
+        _complete_summary(summary, runlog.rows, exit_code, loop, wall_start)
+        runlog.finish(summary, plots=config.plots)
+        return exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the loop watches for it, or a second one inside it
+        return _aborted(workdir)
+
+
+def _aborted(workdir: Path) -> int:
+    """Ctrl-C outside the loop's watch (compiling, measuring, loading) or a second one inside it:
+    one line saying what there is to resume, exit 130. Only complete checkpoints remain."""
+    from nanlab.checkpoint import complete_steps
+
+    steps = complete_steps(workdir / "checkpoints")
+    if steps:
+        print(f"{PROG}: aborted; resume from checkpoint {steps[-1]} with python -m nanlab.train "
+              f"--workdir {workdir} --resume", file=sys.stderr)
+    else:
+        print(f"{PROG}: aborted before the first checkpoint: nothing to resume; run again with --overwrite "
+              f"(or another --workdir) to start over", file=sys.stderr)
+    return 130
 
 
 class _Loop:

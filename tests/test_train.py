@@ -479,6 +479,37 @@ def test_ctrl_c_while_tuning_exits_130_with_nothing_created(tmp_path, monkeypatc
     assert "Traceback" not in err and not workdir.exists()
 
 
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C once the run folder exists but before the loop watches for it (the init compiling):
+    exit 130 and one line that says there is nothing to resume, not a --resume hint."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_initial_state", interrupted)
+    workdir = tmp_path / "run"
+    code = train.main(_argv(workdir, steps=10))
+    err = capsys.readouterr().err
+    assert code == 130 and "aborted before the first checkpoint: nothing to resume" in err
+    assert "--resume" not in err and "Traceback" not in err
+    assert workdir.exists() and not any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+
+
+def test_a_second_ctrl_c_after_a_checkpoint_names_it_for_resume(tmp_path, monkeypatch, capsys):
+    row = train._metrics_row
+
+    def interrupted_at_10(step, *args, **kwargs):
+        if step == 10:
+            raise KeyboardInterrupt  # as a second Ctrl-C does, inside the loop
+        return row(step, *args, **kwargs)
+
+    monkeypatch.setattr(train, "_metrics_row", interrupted_at_10)
+    workdir = tmp_path / "run"
+    code = train.main(_argv(workdir, steps=20, checkpoint_every=5))
+    err = capsys.readouterr().err
+    assert code == 130 and f"resume from checkpoint 5 with python -m nanlab.train --workdir {workdir} --resume" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("library, in_train, in_eval", [("default", True, True), ("eigen", False, False),
                                                         ("eigen-eval", True, False)])
 def test_conv_library_sets_who_runs_the_convolutions_of_each_program(tmp_path, library, in_train, in_eval):
