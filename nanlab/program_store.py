@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["KEEP_PER_PROGRAM", "SUFFIX", "ProgramStore", "StoredProgram", "source_digest"]
 
@@ -251,9 +253,10 @@ class StoredProgram:
                 outputs, out_tree = jax.tree.flatten(self.fun(*jax.tree.unflatten(in_tree, leaves)))
                 return outputs
 
-            specs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
+            flat.__name__ = flat.__qualname__ = f"export_{self.name}"  # JAX's name for the trace
+            in_types = [(tuple(np.shape(leaf)), str(jnp.result_type(leaf))) for leaf in leaves]
+            specs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in in_types]
             exported = jax.export.export(jax.jit(flat))(*specs)
-            in_types = [(tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves]
             self._entry = _Entry(bytes(exported.serialize()), in_tree, in_types, out_tree, self.jit_kwargs)
             self._compiled, self.source = _compile(self._entry, self.name), "traced"
             self.store.save(self.name, self._entry, **self.parts)
@@ -281,5 +284,4 @@ def _accepts(entry: _Entry, jit_kwargs: dict, args: tuple) -> bool:
     leaves, in_tree = jax.tree.flatten(args)
     if in_tree != entry.in_tree:
         return False
-    return [(tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__)))
-            for leaf in leaves] == entry.in_types
+    return [(tuple(np.shape(leaf)), str(jnp.result_type(leaf))) for leaf in leaves] == entry.in_types

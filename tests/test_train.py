@@ -130,13 +130,23 @@ def test_failure_scenarios_exit_3_with_report(tmp_path, capsys, scenario, cause)
     assert not any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
 
 
+_TRACED: list[str] = []  # names of the functions JAX traces (one listener for the module)
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kw: _TRACED.append(kw.get("fun_name", "")) if event.endswith("jaxpr_trace_duration") else None)
+
+
 def test_a_second_run_takes_its_programs_from_the_store_and_trains_the_same(tmp_path, capsys):
     cache = tmp_path / "cache"
-    rows, sources = [], []
+    rows, sources, traced = [], [], []
     for run in ("first", "second"):
+        _TRACED.clear()
         assert train.main(_argv(tmp_path / run, steps=10, eval_every=5, compile_cache=str(cache))) == 0
+        traced.append(set(_TRACED))
         rows.append(_rows_without_timing(tmp_path / run / "metrics.jsonl"))
         sources.append(json.loads((tmp_path / run / "summary.json").read_text())["programs"])
+    # The first run traced (to export) each program; the second traced none of them.
+    exports = {"export_init", "export_train", "export_eval", "export_moments"}
+    assert exports <= traced[0] and not exports & traced[1]
     assert train.main(_argv(tmp_path / "off", steps=10, eval_every=5, compile_cache="off")) == 0
     capsys.readouterr()
     programs = {"init", "train", "eval", "moments"}
