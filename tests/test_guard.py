@@ -187,10 +187,11 @@ def run_bare(step, state, batches):
     return caught.value
 
 
-@pytest.mark.parametrize("bare", [False, True])
+@pytest.mark.parametrize("bare", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_a_program_loaded_from_a_store_is_guarded_and_replayed_the_same(tmp_path, bare):
     # jit= a ProgramStore's: the second guard runs the stored program without tracing the body,
-    # so whether the step returns its state alone is learned from the first call's outputs.
+    # so whether the step returns its state alone is learned from the first call's outputs (a
+    # (state, aux) step's stored program is also run by the train CLI's tests in the default suite).
     from nanlab.program_store import ProgramStore
 
     initial, step = optax_setup()

@@ -157,6 +157,7 @@ def test_a_second_run_takes_its_programs_from_the_store_and_trains_the_same(tmp_
     assert len(list((cache / "programs").iterdir())) == len(programs)
 
 
+@pytest.mark.slow  # two failing runs and their replays (~30 s); tests/test_guard.py replays a stored step quickly
 def test_a_failure_of_a_stored_train_step_is_replayed_and_reported_the_same(tmp_path, capsys):
     reports = []
     for run in ("first", "second"):
