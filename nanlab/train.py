@@ -537,7 +537,7 @@ def _build_parts(config: config_lib.TrainConfig, pipeline=None, store=None) -> _
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
     # Runs once per run: compiled without XLA's optimization passes (see compile_cache).
-    jit = store.jit("init", **_program_parts(config)) if store is not None else jax.jit
+    jit = store.jit("init", **_program_parts(config, "init")) if store is not None else jax.jit
     init = jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed),
                compiler_options=compile_cache.RUN_ONCE_OPTIONS)
     return _Parts(feed, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
@@ -639,7 +639,7 @@ def _step_fns(config: config_lib.TrainConfig, parts: _Parts, store=None) -> _Ste
     def stored(name):  # the forward-only programs: loaded from the store when it holds them
         if store is None:
             return jax.jit
-        return store.jit(name, **_program_parts(config), conv_library=config_lib.conv_library_of(config, "eval"))
+        return store.jit(name, **_program_parts(config, name))
 
     return _StepFns(
         train_step=train_step,
@@ -717,21 +717,22 @@ def _program_store(cache_dir: Path | None, config: config_lib.TrainConfig, pipel
     if config.conv_impl != "tuned" and config.conv_library != "tuned":
         # Their keys are known before the data is built: they load in the background meanwhile, the
         # train step and the init first (the first step waits for them).
-        forward = config_lib.conv_library_of(config, "eval")
-        store.prefetch("train", conv_library=config_lib.conv_library_of(config, "train"))
-        store.prefetch("init", **_program_parts(config))
-        store.prefetch("eval", conv_library=forward)
-        store.prefetch("moments", conv_library=forward)
+        for name in ("train", "init", "eval", "moments"):
+            store.prefetch(name, **_program_parts(config, name))
     return store
 
 
-def _program_parts(config: config_lib.TrainConfig) -> dict[str, Any]:
-    """What shapes the model's programs beyond the config: the picks --conv-impl tuned activated."""
-    if config.conv_impl != "tuned":
-        return {}
-    from nanlab.models import conv_tuning
+def _program_parts(config: config_lib.TrainConfig, program: str) -> dict[str, Any]:
+    """What shapes a stored program (init, train, eval, moments) beyond the run description: the
+    picks --conv-impl tuned activated, and the conv library its --conv-library mode gives it."""
+    parts: dict[str, Any] = {}
+    if config.conv_impl == "tuned":
+        from nanlab.models import conv_tuning
 
-    return {"conv_picks": conv_tuning.active()}
+        parts["conv_picks"] = conv_tuning.active()
+    if program != "init":
+        parts["conv_library"] = config_lib.conv_library_of(config, "train" if program == "train" else "eval")
+    return parts
 
 
 def conv_compiler_options(config: config_lib.TrainConfig, program: str) -> dict[str, str] | None:
@@ -753,7 +754,7 @@ def _guard_step(config: config_lib.TrainConfig, fns: _StepFns, store=None):
     debug = config.debug_nans or config.debug_infs
     jit = None
     if store is not None:
-        jit = store.jit("train", **_program_parts(config), conv_library=config_lib.conv_library_of(config, "train"))
+        jit = store.jit("train", **_program_parts(config, "train"))
     # Not donated under jax_debug_nans/infs: JAX re-runs a failing call on its arguments.
     return guard(fns.train_step, donate_argnums=() if debug else 0, check_every=config.log_every,
                  on_failure="skip" if config.skip_nonfinite else "raise",
