@@ -310,6 +310,17 @@ class GuardedStep:
         of that call's arguments; the first call then reuses the executable)."""
         return self._jitted.lower(_carry_like(self._carry, state), state, *args)
 
+    def prepare(self, state: Any, *args: Any) -> None:
+        """Compile the guarded executable ahead of the first call, for arguments like these (arrays or
+        `jax.ShapeDtypeStruct`s): in a background thread when the guard's `jit` can (a
+        `nanlab.program_store.ProgramStore.jit`: the step is traced here, XLA compiles beside the
+        caller's next work), else now, as ``lower(...).compile()``."""
+        prepare = getattr(self._jitted, "prepare", None)
+        if prepare is None:
+            self.lower(state, *args).compile()
+        else:
+            prepare(_carry_like(self._carry, state), state, *args)
+
     def _dispatch(self, state: Any, args: tuple) -> Any:
         index = self._calls
         try:

@@ -84,6 +84,7 @@ class _Entry(NamedTuple):
     in_tree: Any  # the structure of the positional arguments
     in_types: list  # (shape, dtype name) of each argument leaf
     out_tree: Any
+    out_types: list  # (shape, dtype name) of each output leaf
     jit_kwargs: dict  # donate_argnums, compiler_options: as the program was jitted
 
 
@@ -108,7 +109,7 @@ class ProgramStore:
         self.directory = Path(directory)
         facts = {"run": description, "environment": _environment()}
         self._context = json.dumps(facts, sort_keys=True, default=repr)
-        self._loading: dict[Path, concurrent.futures.Future] = {}
+        self._loading: dict[Path, tuple[_Entry, concurrent.futures.Future]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.warn = warn or (lambda line: None)
         self.sources: dict[str, str] = {}
@@ -121,33 +122,43 @@ class ProgramStore:
     # ---------------------------------------------------------------------------- loading
 
     def prefetch(self, name: str, **parts: Any) -> None:
-        """Start loading and compiling program `name` in a background thread (no-op without an entry)."""
+        """Start compiling stored program `name` in a background thread (no-op without an entry)."""
         path = self.path(name, **parts)
         if path in self._loading or not path.exists():
             return
+        entry = self._read(path)
+        if entry is not None:
+            self._loading[path] = (entry, self.compile_in_background(entry, name))
+
+    def take(self, name: str, **parts: Any) -> tuple[_Entry, concurrent.futures.Future | None] | None:
+        """Program `name`'s entry and, when `prefetch` started it, the future of its executable; None
+        when there is no entry or it cannot be read."""
+        path = self.path(name, **parts)
+        if path in self._loading:
+            return self._loading.pop(path)
+        entry = self._read(path) if path.exists() else None
+        return None if entry is None else (entry, None)
+
+    def compile_in_background(self, entry: _Entry, name: str) -> concurrent.futures.Future:
+        """The future of `entry`'s executable, compiled (or loaded from JAX's cache) in a background thread."""
         if self._pool is None:
             # Two threads, the programs taken in the order asked for: on 2 cores this measured
             # faster to the first step than one thread (train step 4-5 s, init ~1.5 s to load).
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="nanlab-load")
-        self._loading[path] = self._pool.submit(self._load, path, name)
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="nanlab-compile")
+        return self._pool.submit(_compile, entry, name)
 
-    def load(self, name: str, **parts: Any) -> tuple[_Entry, jax.stages.Compiled] | None:
-        """Program `name`'s entry and its executable, or None when there is none or it cannot be read."""
-        path = self.path(name, **parts)
-        future = self._loading.pop(path, None)
-        if future is not None:
-            return future.result()
-        return self._load(path, name) if path.exists() else None
-
-    def _load(self, path: Path, name: str) -> tuple[_Entry, jax.stages.Compiled] | None:
+    def _read(self, path: Path) -> _Entry | None:
         try:
             entry = _Entry(*pickle.loads(path.read_bytes()))
-            compiled = _compile(entry, name)
         except Exception as error:  # a truncated or foreign entry: trace instead, and overwrite it
-            self.warn(f"stored program {path.name} unreadable ({type(error).__name__}: {error}); tracing it again")
+            self.unreadable(path.name, error)
             return None
         os.utime(path)  # recently used: kept by the eviction in `save`
-        return entry, compiled
+        return entry
+
+    def unreadable(self, entry_name: str, error: BaseException) -> None:
+        """Warn that a stored entry could not be read or compiled (its program is traced again)."""
+        self.warn(f"stored program {entry_name} unreadable ({type(error).__name__}: {error}); tracing it again")
 
     # ----------------------------------------------------------------------------- saving
 
@@ -220,14 +231,14 @@ def _compile(entry: _Entry, name: str) -> jax.stages.Compiled:
 class StoredProgram:
     """A jitted function whose program comes from a `ProgramStore` when it holds a matching one.
 
-    Arguments are positional. The first call takes the stored program (waiting for
-    `ProgramStore.prefetch`) when it was exported for arguments of this call's structure, shapes
-    and dtypes and jitted the same way; otherwise it exports the function for them, stores that, and
-    compiles the export. Later calls run that executable; a call with other argument types, or with
-    traced arguments (under `jax.eval_shape` or an outer jit), goes through `jax.jit` as usual.
+    Arguments are positional. The first call (or `prepare`) takes the stored program when it was
+    exported for arguments of this call's structure, shapes and dtypes and jitted the same way;
+    otherwise it exports the function for them, stores that, and compiles the export. Later calls
+    run that executable; a call with other argument types, or with traced arguments (under
+    `jax.eval_shape` or an outer jit), goes through `jax.jit` as usual.
 
     Attributes:
-      source: "stored" or "traced" after the first call, None before.
+      source: "stored" or "traced" once the program is chosen, None before.
     """
 
     def __init__(self, store: ProgramStore, name: str, fun: Callable, jit_kwargs: dict, parts: Mapping[str, Any]):
@@ -235,46 +246,97 @@ class StoredProgram:
         self.fun, self.jitted = fun, jax.jit(fun, **jit_kwargs)
         self.source: str | None = None
         self._entry: _Entry | None = None
-        self._compiled: jax.stages.Compiled | None = None
+        # The executable, or the future of one compiling in the store's threads (`prepare`).
+        self._compiled: jax.stages.Compiled | concurrent.futures.Future | None = None
 
     def lower(self, *args: Any) -> jax.stages.Lowered:
         return self.jitted.lower(*args)
 
-    def _prepare(self, args: tuple) -> None:
-        loaded = self.store.load(self.name, **self.parts)
-        if loaded is not None and _accepts(loaded[0], self.jit_kwargs, args):
-            (self._entry, self._compiled), self.source = loaded, "stored"
+    def prepare(self, *args: Any) -> Any:
+        """Choose the program for arguments like `args` (arrays or `jax.ShapeDtypeStruct`s) now, and
+        compile it in the store's background threads; the first call waits for it.
+
+        The choice (reading the store, or tracing and exporting) runs here, in the caller's thread:
+        only XLA's compile, which releases the GIL, runs beside the caller's next Python work.
+
+        Returns:
+          The outputs' shapes and dtypes (`jax.ShapeDtypeStruct`s in the outputs' structure).
+        """
+        if self._compiled is None:
+            self._choose(args, background=True)
+        outputs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self._entry.out_types]
+        return jax.tree.unflatten(self._entry.out_tree, outputs)
+
+    def _choose(self, args: tuple, *, background: bool, stored: bool = True) -> None:
+        taken = self.store.take(self.name, **self.parts) if stored else None
+        if taken is not None and _accepts(taken[0], self.jit_kwargs, args):
+            (self._entry, compiling), self.source = taken, "stored"
         else:
-            leaves, in_tree = jax.tree.flatten(args)
-            out_tree = None
-
-            def flat(*leaves):
-                nonlocal out_tree
-                outputs, out_tree = jax.tree.flatten(self.fun(*jax.tree.unflatten(in_tree, leaves)))
-                return outputs
-
-            flat.__name__ = flat.__qualname__ = f"export_{self.name}"  # JAX's name for the trace
-            in_types = [(tuple(np.shape(leaf)), str(jnp.result_type(leaf))) for leaf in leaves]
-            specs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in in_types]
-            exported = jax.export.export(jax.jit(flat))(*specs)
-            self._entry = _Entry(bytes(exported.serialize()), in_tree, in_types, out_tree, self.jit_kwargs)
-            self._compiled, self.source = _compile(self._entry, self.name), "traced"
+            self._entry, compiling, self.source = self._export(args), None, "traced"
             self.store.save(self.name, self._entry, **self.parts)
         self.store.sources[self.name] = self.source
+        if compiling is None and background:
+            compiling = self.store.compile_in_background(self._entry, self.name)
+        elif compiling is None:
+            try:
+                compiling = _compile(self._entry, self.name)
+            except Exception as error:
+                self._refuse_stored(error)
+                return self._choose(args, background=False, stored=False)
+        self._compiled = compiling
+
+    def _refuse_stored(self, error: Exception) -> None:
+        """A stored entry that XLA cannot compile (a foreign or damaged export) is one warning and a
+        trace; a fresh export's error is raised, as jax.jit would raise it."""
+        if self.source != "stored":
+            raise error
+        self.store.unreadable(self.store.path(self.name, **self.parts).name, error)
+
+    def _export(self, args: tuple) -> _Entry:
+        leaves, in_tree = jax.tree.flatten(args)
+        out_tree = None
+
+        def flat(*leaves):
+            nonlocal out_tree
+            outputs, out_tree = jax.tree.flatten(self.fun(*jax.tree.unflatten(in_tree, leaves)))
+            return outputs
+
+        flat.__name__ = flat.__qualname__ = f"export_{self.name}"  # JAX's name for the trace
+        in_types = _types(leaves)
+        specs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in in_types]
+        exported = jax.export.export(jax.jit(flat))(*specs)
+        out_types = [(tuple(aval.shape), str(aval.dtype)) for aval in exported.out_avals]
+        return _Entry(bytes(exported.serialize()), in_tree, in_types, out_tree, out_types, self.jit_kwargs)
+
+    def _executable(self, args: tuple) -> jax.stages.Compiled:
+        """The chosen executable, waiting for a background compile."""
+        if self._compiled is None:
+            self._choose(args, background=False)
+        if isinstance(self._compiled, concurrent.futures.Future):
+            try:
+                self._compiled = self._compiled.result()
+            except Exception as error:
+                self._refuse_stored(error)
+                self._choose(args, background=False, stored=False)
+        return self._compiled
 
     def __call__(self, *args: Any) -> Any:
         leaves, in_tree = jax.tree.flatten(args)
         if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
             return self.jitted(*args)  # inside a transformation: as jax.jit
-        if self._compiled is None:
-            self._prepare(args)
+        compiled = self._executable(args)
         if in_tree != self._entry.in_tree:
             return self.jitted(*args)
         try:
-            outputs = self._compiled(*leaves)
+            outputs = compiled(*leaves)
         except TypeError:  # other shapes or dtypes than the first call's (checked before it runs)
             return self.jitted(*args)
         return jax.tree.unflatten(self._entry.out_tree, outputs)
+
+
+def _types(leaves: Sequence[Any]) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype name) of each argument leaf: arrays, Python scalars or `jax.ShapeDtypeStruct`s."""
+    return [(tuple(np.shape(leaf)), str(jnp.result_type(leaf))) for leaf in leaves]
 
 
 def _accepts(entry: _Entry, jit_kwargs: dict, args: tuple) -> bool:
@@ -284,4 +346,4 @@ def _accepts(entry: _Entry, jit_kwargs: dict, args: tuple) -> bool:
     leaves, in_tree = jax.tree.flatten(args)
     if in_tree != entry.in_tree:
         return False
-    return [(tuple(np.shape(leaf)), str(jnp.result_type(leaf))) for leaf in leaves] == entry.in_types
+    return _types(leaves) == entry.in_types

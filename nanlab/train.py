@@ -799,11 +799,18 @@ def _run(config: config_lib.TrainConfig) -> int:
                 start_step, state = _initial_state(config, parts, checkpointer)
                 libraries = _tune_conv_library(config, parts, fns, state)
                 fns = _step_fns(libraries, parts, store)
+                guarded = _guard_step(libraries, fns, store)
             else:
                 libraries = config
                 fns = _step_fns(config, parts, store)
+                guarded = _guard_step(config, fns, store)
+                if store is not None and not config.resume:
+                    # The init and the train step are taken from the store or traced here, and XLA
+                    # compiles (or loads) both in the store's background threads: on a cold start
+                    # the step's tracing overlaps the init's compile, the telemetry's compile below
+                    # overlaps the step's.
+                    guarded.prepare(parts.init.prepare(parts.sample_x), parts.feed.batch_of(0))
                 start_step, state = _initial_state(config, parts, checkpointer)
-            guarded = _guard_step(libraries, fns, store)
             # The programs of a logged step (a copy of the weights, its telemetry), compiled by running
             # them once on the initial weights: on a warm start, while the train step still loads.
             fns.telemetry(fns.snapshot(state.params), state.params)

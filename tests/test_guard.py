@@ -214,6 +214,35 @@ def test_a_program_loaded_from_a_store_is_guarded_and_replayed_the_same(tmp_path
     assert_same_tree(second.inputs[0], first.inputs[0])
 
 
+@pytest.mark.parametrize("stored", [False, True])
+def test_prepare_compiles_ahead_and_the_first_call_takes_it(tmp_path, stored):
+    # From shapes alone, before any state exists (the train CLI prepares its step while the init
+    # compiles): the calls compile nothing more, and a failure is still caught and replayed.
+    from nanlab.program_store import ProgramStore
+
+    initial, step = optax_setup()
+    jit = ProgramStore(tmp_path, {"test": "prepare"}).jit("step") if stored else None
+    guarded = guard(step, donate_argnums=0, verbose=False, jit=jit)
+    batches = make_batches("forward")
+    as_shape = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
+    compiles = []
+    record = lambda event, seconds, **kw: compiles.append(kw.get("fun_name")) if event.endswith("backend_compile_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(record)
+    try:
+        guarded.prepare(jax.tree.map(as_shape, initial), jax.tree.map(as_shape, batches[0]))
+        state = jax.tree.map(jnp.copy, initial)
+        with pytest.raises(NonFiniteError) as caught:
+            for batch in batches:
+                state = guarded(state, batch)[0]
+            guarded.check()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+    assert [name for name in compiles if "body" in name or "stored_step" in name] == [
+        "jit(stored_step)" if stored else "jit(body)"]  # the one compile: prepare's
+    assert caught.value.step == FAILING_CALL
+    assert caught.value.report.origin.cause == "log-of-negative"
+
+
 def test_static_arguments_and_the_decorator_forms():
     state, step = optax_setup()
 

@@ -1,5 +1,7 @@
 """Tests of nanlab.program_store: programs kept between runs skip tracing, and never run for other inputs."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,3 +158,49 @@ def test_static_arguments_and_several_devices_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(jax, "device_count", lambda: 4)
     with pytest.raises(ValueError, match="single-device processes; this one has 4 devices"):
         ProgramStore(tmp_path, {})
+
+
+def test_prepare_exports_from_shapes_and_compiles_in_the_background(tmp_path):
+    traces, compiled_in = [], []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compiled_in.append((kw.get("fun_name"), threading.current_thread().name))
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+    store = ProgramStore(tmp_path, {})
+    program = store.jit("step")(_step(traces), donate_argnums=0)
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _args())
+    shapes = program.prepare(*specs)
+    assert len(traces) == 1 and program.source == "traced"
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == (
+        {"w": ((3,), jnp.float32), "count": ((), jnp.int32)}, {"loss": ((), jnp.float32)})
+    outputs = program(*_args())  # the executable compiled in the background: no second trace
+    assert len(traces) == 1
+    assert [thread for name, thread in compiled_in if name == "jit(stored_step)"] == ["nanlab-compile_0"]
+    jax.tree.map(np.testing.assert_array_equal, outputs, jax.jit(_step([]))(*_args()))
+
+    again = ProgramStore(tmp_path, {}).jit("step")(_step(traces), donate_argnums=0)
+    assert jax.tree.structure(again.prepare(*specs)) == jax.tree.structure(shapes)
+    assert again.source == "stored" and len(traces) == 1  # shapes from the entry, nothing traced
+    again(*_args())
+    assert len(traces) == 1
+
+
+def test_a_stored_export_that_does_not_compile_is_one_warning_and_a_trace(tmp_path):
+    traces, warnings = [], []
+    ProgramStore(tmp_path, {}).jit("step")(_step(traces))(*_args())
+    path = ProgramStore(tmp_path, {}).path("step")
+    import pickle
+
+    entry = program_store._Entry(*pickle.loads(path.read_bytes()))
+    path.write_bytes(pickle.dumps(tuple(entry._replace(exported=b"\x00" * 64))))
+    for prefetch in (False, True):
+        store = ProgramStore(tmp_path, {}, warn=warnings.append)
+        if prefetch:
+            path.write_bytes(pickle.dumps(tuple(entry._replace(exported=b"\x00" * 64))))
+            store.prefetch("step")
+        program = store.jit("step")(_step(traces))
+        outputs = program(*_args())
+        assert program.source == "traced"
+        assert len(warnings) == 1 and "unreadable" in warnings[0]
+        np.testing.assert_allclose(outputs[0]["w"], np.arange(3) - 0.1, rtol=1e-6)
+        warnings.clear()
+        path.write_bytes(pickle.dumps(tuple(entry._replace(exported=b"\x00" * 64))))
