@@ -139,13 +139,20 @@ class ProgramStore:
         entry = self._read(path) if path.exists() else None
         return None if entry is None else (entry, None)
 
-    def compile_in_background(self, entry: _Entry, name: str) -> concurrent.futures.Future:
-        """The future of `entry`'s executable, compiled (or loaded from JAX's cache) in a background thread."""
+    def compile_in_background(self, entry: _Entry, name: str, *, lower_here: bool = False) -> concurrent.futures.Future:
+        """The future of `entry`'s executable, compiled (or loaded from JAX's cache) in a background thread.
+
+        `lower_here`: lower it in the calling thread first (a fraction of a second of Python), so that
+        the thread starts XLA's compile, which releases the GIL, at once; else the thread lowers it
+        too (the calling thread goes on at once).
+        """
         if self._pool is None:
             # Two threads, the programs taken in the order asked for: on 2 cores this measured
             # faster to the first step than one thread (train step 4-5 s, init ~1.5 s to load).
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="nanlab-compile")
-        return self._pool.submit(_compile, entry, name)
+        if lower_here:
+            return self._pool.submit(_lower(entry, name).compile)
+        return self._pool.submit(lambda: _lower(entry, name).compile())
 
     def _read(self, path: Path) -> _Entry | None:
         try:
@@ -214,8 +221,8 @@ def _flat_donation(in_tree: Any, donate_argnums: tuple[int, ...]) -> tuple[int, 
     return tuple(donated)
 
 
-def _compile(entry: _Entry, name: str) -> jax.stages.Compiled:
-    """XLA's executable of a stored program (through JAX's cache: a load when it holds it)."""
+def _lower(entry: _Entry, name: str) -> jax.stages.Lowered:
+    """A stored program lowered for XLA; ``.compile()`` goes through JAX's cache (a load when it holds it)."""
     exported = jax.export.deserialize(bytearray(entry.exported))
     donated = _flat_donation(entry.in_tree, entry.jit_kwargs["donate_argnums"])
 
@@ -225,7 +232,7 @@ def _compile(entry: _Entry, name: str) -> jax.stages.Compiled:
     call.__name__ = call.__qualname__ = f"stored_{name}"  # JAX's name for it: jit(stored_train), ...
     call = jax.jit(call, donate_argnums=donated, compiler_options=entry.jit_kwargs["compiler_options"])
     specs = [jax.ShapeDtypeStruct(aval.shape, aval.dtype) for aval in exported.in_avals]
-    return call.lower(*specs).compile()
+    return call.lower(*specs)
 
 
 class StoredProgram:
@@ -275,14 +282,16 @@ class StoredProgram:
             self._entry, compiling, self.source = self._export(args), None, "traced"
             self.store.save(self.name, self._entry, **self.parts)
         self.store.sources[self.name] = self.source
-        if compiling is None and background:
-            compiling = self.store.compile_in_background(self._entry, self.name)
-        elif compiling is None:
+        if compiling is None:
             try:
-                compiling = _compile(self._entry, self.name)
+                # Lowered here in both cases: on a cold start a background thread's lowering would
+                # contend for the GIL with the caller's next trace (the train step's, while the
+                # init compiles); XLA's compile releases it.
+                compiling = (self.store.compile_in_background(self._entry, self.name, lower_here=True) if background
+                             else _lower(self._entry, self.name).compile())
             except Exception as error:
                 self._refuse_stored(error)
-                return self._choose(args, background=False, stored=False)
+                return self._choose(args, background=background, stored=False)
         self._compiled = compiling
 
     def _refuse_stored(self, error: Exception) -> None:

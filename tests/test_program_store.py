@@ -1,5 +1,6 @@
 """Tests of nanlab.program_store: programs kept between runs skip tracing, and never run for other inputs."""
 
+import pickle
 import threading
 
 import jax
@@ -188,19 +189,17 @@ def test_a_stored_export_that_does_not_compile_is_one_warning_and_a_trace(tmp_pa
     traces, warnings = [], []
     ProgramStore(tmp_path, {}).jit("step")(_step(traces))(*_args())
     path = ProgramStore(tmp_path, {}).path("step")
-    import pickle
-
     entry = program_store._Entry(*pickle.loads(path.read_bytes()))
-    path.write_bytes(pickle.dumps(tuple(entry._replace(exported=b"\x00" * 64))))
-    for prefetch in (False, True):
+    for how in ("call", "prefetch", "prepare"):
+        path.write_bytes(pickle.dumps(tuple(entry._replace(exported=b"\x00" * 64))))
         store = ProgramStore(tmp_path, {}, warn=warnings.append)
-        if prefetch:
-            path.write_bytes(pickle.dumps(tuple(entry._replace(exported=b"\x00" * 64))))
+        if how == "prefetch":
             store.prefetch("step")
         program = store.jit("step")(_step(traces))
+        if how == "prepare":
+            program.prepare(*_args())
         outputs = program(*_args())
-        assert program.source == "traced"
-        assert len(warnings) == 1 and "unreadable" in warnings[0]
+        assert program.source == "traced", how
+        assert len(warnings) == 1 and "unreadable" in warnings[0], how
         np.testing.assert_allclose(outputs[0]["w"], np.arange(3) - 0.1, rtol=1e-6)
         warnings.clear()
-        path.write_bytes(pickle.dumps(tuple(entry._replace(exported=b"\x00" * 64))))
