@@ -14,7 +14,9 @@ A program compiled from a stored entry is only used for arguments of the structu
 dtypes it was exported for: `StoredProgram` compares them at the first call and otherwise traces
 afresh (as on an unreadable entry), so a wrong key costs a trace, never a wrong program. On a miss
 the program is exported and compiled from the export (so that JAX's cache holds the executable the
-next run asks for). At most `KEEP_PER_PROGRAM` entries are kept per program name, least recently
+next run asks for). `StoredProgram.prepare` makes that choice ahead of the first call, from the
+arguments' shapes alone, and compiles in the store's background threads: a caller can trace its
+next program while XLA compiles this one. At most `KEEP_PER_PROGRAM` entries are kept per program name, least recently
 used first out. Entries are pickles in the user's cache directory, trusted as JAX's cache there is.
 The store serves single-device processes (an export records its devices and shardings).
 """
