@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--conv-library", help=f"who runs the convolutions on CPU: {', '.join(config_lib.CONV_LIBRARIES)}; default is "
         "XLA's choice (YNNPACK), eigen XLA's runtime (Eigen) for every program, eigen-eval/eigen-train Eigen for one "
         "program only, tuned times the train and evaluation steps on both at first use on this machine (two extra "
-        f"compiles of each) and caches the picks next to --conv-impl tuned's ({d('conv_library')})")
+        "compiles of each; with --conv-impl tuned, each library with the formulations timed for it) and caches "
+        f"the picks next to --conv-impl tuned's ({d('conv_library')})")
     add("--dropout-rate", type=float, help=f"dropout before the head ({d('dropout_rate')})")
     add("--bn-recalibration-batches", type=int, help="evaluate with BatchNorm moments recomputed on this many "
         f"training batches under the current weights (precise BN); 0: the running averages ({d('bn_recalibration_batches')})")
@@ -473,6 +474,9 @@ class _Parts:
     tx: Any
     sample_x: Any  # a zero batch of the training shape (what init traces)
     init: Any  # jitted sample_x -> TrainState at step 0
+    # --conv-impl tuned: conv library -> the formulation picks timed for it (the libraries the
+    # run's programs may run on); empty otherwise.
+    conv_tables: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 def _open_stream(config: config_lib.TrainConfig):
@@ -529,36 +533,56 @@ def _build_parts(config: config_lib.TrainConfig, pipeline=None, store=None) -> _
         num_classes, image_shape = pipeline.num_classes, pipeline.image_shape
     model = models.build(config, num_classes)
     sample_x = jnp.zeros((config.batch_size,) + tuple(image_shape), jnp.float32)
+    conv_tables = {}
     if config.conv_impl == "tuned" and config.model == "inception_v3":
-        # With --conv-library tuned the shapes are timed on XLA's default library, before the
-        # program-level pick (which then times the whole step built from these picks).
-        library = "default" if config.conv_library == "tuned" else config_lib.conv_library_of(config, "train")
-        _tune_convolutions(model, sample_x, library)
+        # The shapes are timed on each library a program may run on: with --conv-library tuned on
+        # both, so that the program-level pick times each library with its own picks.
+        conv_tables = _tune_convolutions(model, sample_x, _conv_libraries_to_tune(config))
     schedule = optim.make_schedule(config.schedule, config.lr, config.steps, config.warmup_steps)
     tx = optim.make_tx(config.clip, config.optimizer, schedule, config.weight_decay, config.skip_nonfinite)
     # Runs once per run: compiled without XLA's optimization passes (see compile_cache).
-    jit = store.jit("init", **_program_parts(config, "init")) if store is not None else jax.jit
+    jit = store.jit("init", **_program_parts(config, "init", conv_tables)) if store is not None else jax.jit
     init = jit(lambda x: step_lib.create_train_state(model, tx, x, config.seed),
                compiler_options=compile_cache.RUN_ONCE_OPTIONS)
-    return _Parts(feed, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init)
+    return _Parts(feed, input_stats, placer, model, losses.by_name(config.loss), schedule, tx, sample_x, init,
+                  conv_tables)
 
 
-def _tune_convolutions(model, sample_x, library: str) -> None:
+def _conv_libraries_to_tune(config: config_lib.TrainConfig) -> tuple[str, ...]:
+    """The convolution libraries the run's programs may run on, the train step's first."""
+    from nanlab.models import conv as conv_lib
+
+    if config.conv_library == "tuned":
+        return tuple(conv_lib.LIBRARIES)
+    return tuple(dict.fromkeys(config_lib.conv_library_of(config, program) for program in ("train", "eval")))
+
+
+def _tune_convolutions(model, sample_x, libraries: Sequence[str]) -> dict[str, dict[str, str]]:
     """--conv-impl tuned: time the formulations of each convolution shape of the training step that
-    this machine's cache lacks, compiled for the train step's convolution `library`, and activate
-    the picks for the step traced next (one line on stderr)."""
+    this machine's cache lacks, compiled for each convolution library in `libraries`, and activate
+    the first library's picks (one line on stderr per library).
+
+    Returns:
+      library -> its picks (each program is traced with the picks of the library it runs on).
+    """
     from nanlab.models import conv_tuning
 
-    start, path = time.perf_counter(), conv_tuning.default_path()
-    try:
-        table, timed = conv_tuning.ensure_tuned_model(model, sample_x, path=path, library=library)
-    except OSError as error:  # the picks are active; only the cache for later runs is missing
-        print(f"{PROG}: warning: --conv-impl tuned: could not write {path} ({error.strerror or error}); "
-              "the picks are used for this run only", file=sys.stderr)
-        return
-    print(f"{PROG}: --conv-impl tuned: {len(table)} convolution shapes, {timed} timed now "
-          f"({time.perf_counter() - start:.0f} s), the rest from {path or 'nowhere (tuning cache off)'}",
-          file=sys.stderr)
+    path, tables = conv_tuning.default_path(), {}
+    for library in libraries:
+        start = time.perf_counter()
+        on = "" if library == "default" else f" on {library}"
+        try:
+            tables[library], timed = conv_tuning.ensure_tuned_model(model, sample_x, path=path, library=library)
+        except OSError as error:  # the picks are active; only the cache for later runs is missing
+            tables[library] = conv_tuning.active()
+            print(f"{PROG}: warning: --conv-impl tuned{on}: could not write {path} ({error.strerror or error}); "
+                  "the picks are used for this run only", file=sys.stderr)
+            continue
+        print(f"{PROG}: --conv-impl tuned{on}: {len(tables[library])} convolution shapes, {timed} timed now "
+              f"({time.perf_counter() - start:.0f} s), the rest from {path or 'nowhere (tuning cache off)'}",
+              file=sys.stderr)
+    conv_tuning.activate(tables[libraries[0]])
+    return tables
 
 
 def _check_data_state(workdir: Path, config: config_lib.TrainConfig, pipeline, start_step: int) -> None:
@@ -619,6 +643,7 @@ class _StepFns(NamedTuple):
     snapshot: Any  # a copy of the params (the step donates them)
     evaluate: Any  # eval step: (state, batch, mask) -> sums
     moments: Any  # BatchNorm moments of a batch, for precise-BN evaluation
+    conv_tables: dict  # `_Parts.conv_tables`: the tuned picks the programs are traced with (the store's keys)
 
 
 def _step_fns(config: config_lib.TrainConfig, parts: _Parts, store=None) -> _StepFns:
@@ -635,26 +660,40 @@ def _step_fns(config: config_lib.TrainConfig, parts: _Parts, store=None) -> _Ste
     train_step = step_lib.make_train_step(parts.model, parts.loss_fn, parts.tx, schedule=parts.schedule,
                                           skip_nonfinite=config.skip_nonfinite, collect_stats=config.stats_every > 0)
     forward_only = conv_compiler_options(config, "eval")
+    eval_library = config_lib.conv_library_of(config, "eval")
 
     def stored(name):  # the forward-only programs: loaded from the store when it holds them
         if store is None:
             return jax.jit
-        return store.jit(name, **_program_parts(config, name))
+        return store.jit(name, **_program_parts(config, name, parts.conv_tables))
 
     return _StepFns(
-        train_step=train_step,
+        train_step=_with_picks(parts, config_lib.conv_library_of(config, "train"), train_step),
         telemetry=jax.jit(step_lib.update_telemetry),
         snapshot=jax.jit(lambda params: jax.tree.map(jnp.copy, params)),  # one dispatch, not one per array
-        evaluate=stored("eval")(step_lib.make_eval_step(parts.model, parts.loss_fn), compiler_options=forward_only),
-        moments=stored("moments")(step_lib.make_batch_moments_fn(parts.model, BN_MOMENTUM),
+        evaluate=stored("eval")(_with_picks(parts, eval_library, step_lib.make_eval_step(parts.model, parts.loss_fn)),
+                                compiler_options=forward_only),
+        moments=stored("moments")(_with_picks(parts, eval_library,
+                                              step_lib.make_batch_moments_fn(parts.model, BN_MOMENTUM)),
                                   compiler_options=forward_only),
+        conv_tables=parts.conv_tables,
     )
 
 
-def _tune_conv_library(config: config_lib.TrainConfig, parts: _Parts, fns: _StepFns, state) -> config_lib.TrainConfig:
+def _with_picks(parts: _Parts, library: str, fn):
+    """`fn` traced with the --conv-impl tuned picks timed for the convolution `library` it runs on."""
+    if not parts.conv_tables:
+        return fn
+    from nanlab.models import conv_tuning
+
+    return conv_tuning.traced_with(parts.conv_tables[library], fn)
+
+
+def _tune_conv_library(config: config_lib.TrainConfig, parts: _Parts, state) -> config_lib.TrainConfig:
     """--conv-library tuned: time the train step and the evaluation step compiled for each convolution
-    library (`nanlab.models.conv.LIBRARIES`) on this machine, or read the picks cached for this model,
-    shape and formulation; one line on stderr.
+    library (`nanlab.models.conv.LIBRARIES`) on this machine, each with the --conv-impl tuned picks
+    timed for that library, or read the picks cached for this model, shape and formulation; one line
+    on stderr.
 
     Returns:
       `config` with the concrete `conv_library` mode that runs each program on its pick.
@@ -668,25 +707,30 @@ def _tune_conv_library(config: config_lib.TrainConfig, parts: _Parts, fns: _Step
 
     batch = parts.feed.batch_of(0)
     mask = jnp.ones(config.batch_size, jnp.float32)
+    train_step = step_lib.make_train_step(parts.model, parts.loss_fn, parts.tx, schedule=parts.schedule,
+                                          skip_nonfinite=config.skip_nonfinite, collect_stats=config.stats_every > 0)
     eval_step = step_lib.make_eval_step(parts.model, parts.loss_fn)
 
-    def blocking(fn, *args):
-        return lambda: jax.block_until_ready(fn(*args))
+    def blocking(fn, library, *args):
+        # Compiled for `library`, with the --conv-impl tuned picks timed for it.
+        program = jax.jit(_with_picks(parts, library, fn), compiler_options=conv_lib.compiler_options(library))
+        return lambda: jax.block_until_ready(program(*args))
 
-    # program -> (library's XLA options -> one timed call of the program compiled with them)
+    # program -> (library -> one timed call of the program compiled for it)
     programs = {
-        "train": lambda options: blocking(jax.jit(fns.train_step, compiler_options=options), state, batch),
-        "eval": lambda options: blocking(jax.jit(eval_step, compiler_options=options), state, batch, mask),
+        "train": lambda library: blocking(train_step, library, state, batch),
+        "eval": lambda library: blocking(eval_step, library, state, batch, mask),
     }
+    picks = " picks per library" if parts.conv_tables else ""  # (the picks timed on each library)
     shape = (f"{config.model} w{config.width_multiplier} {config.image_size}px b{config.batch_size} {config.dtype} "
-             f"conv {config.conv_impl} bn {config.use_batchnorm} stats {config.stats_every > 0} "
+             f"conv {config.conv_impl}{picks} bn {config.use_batchnorm} stats {config.stats_every > 0} "
              f"devices {parts.placer.num_devices}")
     start, path = time.perf_counter(), conv_tuning.default_path()
     picks, notes = {}, []
     for program, build in programs.items():
         try:
             picks[program], medians = conv_tuning.ensure_program_library(
-                f"{program} | {shape}", lambda library: build(conv_lib.compiler_options(library)), path=path)
+                f"{program} | {shape}", build, path=path)
         except conv_tuning.CachedPickError as error:  # the pick stands; only later runs lose it
             picks[program], medians = error.library, error.medians
             print(f"{PROG}: warning: --conv-library tuned: could not write {path} ({error.strerror}); "
@@ -722,16 +766,20 @@ def _program_store(cache_dir: Path | None, config: config_lib.TrainConfig, pipel
     return store
 
 
-def _program_parts(config: config_lib.TrainConfig, program: str) -> dict[str, Any]:
+def _program_parts(config: config_lib.TrainConfig, program: str,
+                   conv_tables: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """What shapes a stored program (init, train, eval, moments) beyond the run description: the
-    picks --conv-impl tuned activated, and the conv library its --conv-library mode gives it."""
+    --conv-impl tuned picks it is traced with (`conv_tables`: library -> picks), and the conv
+    library its --conv-library mode gives it."""
     parts: dict[str, Any] = {}
-    if config.conv_impl == "tuned":
-        from nanlab.models import conv_tuning
-
-        parts["conv_picks"] = conv_tuning.active()
-    if program != "init":
-        parts["conv_library"] = config_lib.conv_library_of(config, "train" if program == "train" else "eval")
+    if program == "init":
+        if conv_tables:  # (its values do not depend on the formulations; its trace does)
+            parts["conv_picks"] = next(iter(conv_tables.values()))
+        return parts
+    library = config_lib.conv_library_of(config, "train" if program == "train" else "eval")
+    if conv_tables:
+        parts["conv_picks"] = conv_tables[library]
+    parts["conv_library"] = library
     return parts
 
 
@@ -754,7 +802,7 @@ def _guard_step(config: config_lib.TrainConfig, fns: _StepFns, store=None):
     debug = config.debug_nans or config.debug_infs
     jit = None
     if store is not None:
-        jit = store.jit("train", **_program_parts(config, "train"))
+        jit = store.jit("train", **_program_parts(config, "train", fns.conv_tables))
     # Not donated under jax_debug_nans/infs: JAX re-runs a failing call on its arguments.
     return guard(fns.train_step, donate_argnums=() if debug else 0, check_every=config.log_every,
                  on_failure="skip" if config.skip_nonfinite else "raise",
@@ -795,9 +843,8 @@ def _run(config: config_lib.TrainConfig) -> int:
             # A second Ctrl-C aborts at once, maybe inside a save: leave only complete checkpoints.
             resources.push(lambda kind, *_: checkpointer.remove_temporary() if kind is KeyboardInterrupt else None)
             if config.conv_library == "tuned":  # the programs' libraries, measured here (or cached)
-                fns = _step_fns(dataclasses.replace(config, conv_library="default"), parts)
                 start_step, state = _initial_state(config, parts, checkpointer)
-                libraries = _tune_conv_library(config, parts, fns, state)
+                libraries = _tune_conv_library(config, parts, state)
                 fns = _step_fns(libraries, parts, store)
                 guarded = _guard_step(libraries, fns, store)
             else:

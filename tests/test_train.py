@@ -10,6 +10,7 @@ subprocesses, so that runs with the same shapes and flags compile once.
 """
 
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -436,16 +437,75 @@ def test_conv_impl_tuned_tunes_what_the_cache_lacks_then_reads_the_cache(tmp_pat
     assert model.conv_impl == "tuned"
     sample_x = jnp.zeros((2, 75, 75, 3))
     try:
-        train._tune_convolutions(model, sample_x, "default")
+        train._tune_convolutions(model, sample_x, ("default",))
         first = conv_tuning.active()
         assert len(timed) == len(first) > 20 and set(first.values()) == {"fast:taps"}
         assert cache.exists() and "timed now" in capsys.readouterr().err
         timed.clear()
-        train._tune_convolutions(model, sample_x, "default")
+        train._tune_convolutions(model, sample_x, ("default",))
         assert timed == [] and conv_tuning.active() == first
         assert "0 timed now" in capsys.readouterr().err
     finally:
         conv_tuning.activate({})  # later models trace with the fixed choices again
+
+
+def test_each_program_is_traced_with_the_picks_timed_for_its_conv_library(tmp_path, monkeypatch, capsys):
+    """--conv-impl tuned with programs on two libraries (here --conv-library eigen-train): the shapes
+    are timed for each library (a stand-in picks each library's own formulation), and the train
+    step is traced with eigen's picks, evaluation with the default library's, whatever is active."""
+    import jax.numpy as jnp
+
+    from nanlab.models import conv as conv_lib
+    from nanlab.models import conv_tuning
+
+    monkeypatch.setenv(conv_tuning.ENV_VAR, str(tmp_path / "conv-tuning.json"))
+    tuned_for = []
+
+    def stand_in(keys, *, library="default", **kwargs):
+        tuned_for.append(library)
+        return {key: conv_tuning.candidates(key)[0 if library == "default" else -1] for key in keys}
+
+    monkeypatch.setattr(conv_tuning, "tune", stand_in)
+    seen = []
+    real_choice = conv_lib._tuned_choice
+    monkeypatch.setattr(conv_lib, "_tuned_choice", lambda key: seen.append(real_choice(key)) or seen[-1])
+    config = _config(tmp_path / "run", **INCEPTION, conv_impl="tuned", conv_library="eigen-train")
+    try:
+        parts = train._build_parts(config)
+        assert tuned_for == ["eigen", "default"]
+        err = capsys.readouterr().err
+        assert "--conv-impl tuned on eigen:" in err and "--conv-impl tuned:" in err
+        fns = train._step_fns(config, parts)
+        state = jax.eval_shape(parts.init, parts.sample_x)
+        batch = parts.feed.batch_of(0)
+        conv_tuning.activate({})  # what is active around a trace does not matter
+        for program, call, library in [("train", lambda: jax.eval_shape(fns.train_step, state, batch), "eigen"),
+                                       ("eval", lambda: jax.eval_shape(fns.evaluate, state, batch,
+                                                                       jnp.ones(config.batch_size)), "default")]:
+            seen.clear()
+            call()
+            assert set(seen) == set(parts.conv_tables[library].values()), program
+        assert train._program_parts(config, "train", parts.conv_tables)["conv_picks"] == parts.conv_tables["eigen"]
+        assert train._program_parts(config, "eval", parts.conv_tables)["conv_picks"] == parts.conv_tables["default"]
+        # The stand-in's picks differ everywhere: "xla" for the default library, a "fast" one for eigen.
+        assert not set(parts.conv_tables["eigen"].values()) & set(parts.conv_tables["default"].values())
+
+        # --conv-library tuned: each program is timed on each library with that library's picks
+        # (the clock's verdict is a stand-in that compiles nothing), and cached under a key that
+        # says so (picks timed on one library for both were cached under another).
+        both = dataclasses.replace(config, conv_library="tuned")
+        parts = train._build_parts(both)
+        assert tuned_for == ["eigen", "default"]  # both tables from the cache now
+        wrapped, real_with_picks = [], train._with_picks
+        monkeypatch.setattr(train, "_with_picks", lambda parts, library, fn: wrapped.append(library)
+                            or real_with_picks(parts, library, fn))
+        monkeypatch.setattr(conv_tuning, "fastest", lambda runs, rounds: ("eigen", {"default": 2.0, "eigen": 1.0}))
+        assert train._tune_conv_library(both, parts, state).conv_library == "eigen"
+        assert wrapped == ["default", "eigen"] * 2
+        cached = json.loads((tmp_path / "conv-tuning.json").read_text())
+        assert sum("picks per library" in key for table in cached.values() for key in table) == 2
+    finally:
+        conv_tuning.activate({})
 
 
 def test_conv_impl_tuned_on_a_full_disk_warns_and_keeps_the_picks(tmp_path, monkeypatch, capsys):
@@ -464,7 +524,7 @@ def test_conv_impl_tuned_on_a_full_disk_warns_and_keeps_the_picks(tmp_path, monk
     monkeypatch.setattr(conv_tuning, "save", full_disk)
     model = models.build(config_lib.make_config({"width_multiplier": 0.125, "conv_impl": "tuned"}, backend="cpu"), 2)
     try:
-        train._tune_convolutions(model, jnp.zeros((2, 75, 75, 3)), "default")
+        train._tune_convolutions(model, jnp.zeros((2, 75, 75, 3)), ("default",))
         assert len(conv_tuning.active()) > 20
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "No space left on device" in err[0] and "this run only" in err[0]

@@ -37,7 +37,7 @@ from nanlab.machine import cpu_model
 from nanlab.models import conv as conv_lib
 
 __all__ = ["ENV_VAR", "candidates", "machine_id", "default_path", "record_conv_keys", "conv_keys_of",
-           "time_choice", "tune", "load", "save", "activate", "active", "ensure_tuned", "ensure_tuned_model",
+           "time_choice", "tune", "load", "save", "activate", "active", "traced_with", "ensure_tuned", "ensure_tuned_model",
            "fastest", "ensure_program_library", "CachedPickError"]
 
 ENV_VAR = "NANLAB_CONV_TUNING"  # 'off' keeps the fixed choices; a path moves the cache file
@@ -216,6 +216,25 @@ def activate(table: dict[str, str]) -> None:
 def active() -> dict[str, str]:
     """A copy of the active table."""
     return dict(conv_lib._TUNED)
+
+
+def traced_with(table: dict[str, str], fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` whose traces choose formulations from `table`, whichever table is active around them.
+
+    For programs of one run that run on different convolution libraries, each with the picks timed
+    for its library: the table is active only while `fn` runs (is traced), then the previous one is.
+    """
+
+    @functools.wraps(fn)
+    def with_table(*args: Any, **kwargs: Any) -> Any:
+        before = active()
+        activate(table)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            activate(before)
+
+    return with_table
 
 
 def ensure_tuned(fn: Callable[..., Any], *args: Any, path: Path | None,
