@@ -643,7 +643,7 @@ class _StepFns(NamedTuple):
     snapshot: Any  # a copy of the params (the step donates them)
     evaluate: Any  # eval step: (state, batch, mask) -> sums
     moments: Any  # BatchNorm moments of a batch, for precise-BN evaluation
-    conv_tables: dict  # `_Parts.conv_tables`: the tuned picks the programs are traced with (the store's keys)
+    train_jit: Any  # what jits the guarded train step: a program store's `jit`, or jax.jit
 
 
 def _step_fns(config: config_lib.TrainConfig, parts: _Parts, store=None) -> _StepFns:
@@ -653,22 +653,16 @@ def _step_fns(config: config_lib.TrainConfig, parts: _Parts, store=None) -> _Ste
     from nanlab import step as step_lib
     from nanlab.models.common import BN_MOMENTUM
 
-    # One executable, activation statistics included whenever they are asked for at all: on a CPU,
-    # compiling a second InceptionV3 step variant costs as much as the first (minutes on 2 cores),
-    # while the ~20 max|a| reductions over activations the step already holds are a small share of
-    # a step's work. They are read back only every --stats-every steps.
-    train_step = step_lib.make_train_step(parts.model, parts.loss_fn, parts.tx, schedule=parts.schedule,
-                                          skip_nonfinite=config.skip_nonfinite, collect_stats=config.stats_every > 0)
     forward_only = conv_compiler_options(config, "eval")
     eval_library = config_lib.conv_library_of(config, "eval")
 
-    def stored(name):  # the forward-only programs: loaded from the store when it holds them
+    def stored(name):  # the programs loaded from the store when it holds them
         if store is None:
             return jax.jit
         return store.jit(name, **_program_parts(config, name, parts.conv_tables))
 
     return _StepFns(
-        train_step=_with_picks(parts, config_lib.conv_library_of(config, "train"), train_step),
+        train_step=_with_picks(parts, config_lib.conv_library_of(config, "train"), _train_step_fn(config, parts)),
         telemetry=jax.jit(step_lib.update_telemetry),
         snapshot=jax.jit(lambda params: jax.tree.map(jnp.copy, params)),  # one dispatch, not one per array
         evaluate=stored("eval")(_with_picks(parts, eval_library, step_lib.make_eval_step(parts.model, parts.loss_fn)),
@@ -676,8 +670,22 @@ def _step_fns(config: config_lib.TrainConfig, parts: _Parts, store=None) -> _Ste
         moments=stored("moments")(_with_picks(parts, eval_library,
                                               step_lib.make_batch_moments_fn(parts.model, BN_MOMENTUM)),
                                   compiler_options=forward_only),
-        conv_tables=parts.conv_tables,
+        train_jit=stored("train"),
     )
+
+
+def _train_step_fn(config: config_lib.TrainConfig, parts: _Parts):
+    """The pure train step of the run (nanlab.step.make_train_step), before any jit or tuned picks.
+
+    One executable, activation statistics included whenever they are asked for at all: on a CPU,
+    compiling a second InceptionV3 step variant costs as much as the first (minutes on 2 cores),
+    while the ~20 max|a| reductions over activations the step already holds are a small share of a
+    step's work. They are read back only every --stats-every steps.
+    """
+    from nanlab import step as step_lib
+
+    return step_lib.make_train_step(parts.model, parts.loss_fn, parts.tx, schedule=parts.schedule,
+                                    skip_nonfinite=config.skip_nonfinite, collect_stats=config.stats_every > 0)
 
 
 def _with_picks(parts: _Parts, library: str, fn):
@@ -707,8 +715,7 @@ def _tune_conv_library(config: config_lib.TrainConfig, parts: _Parts, state) -> 
 
     batch = parts.feed.batch_of(0)
     mask = jnp.ones(config.batch_size, jnp.float32)
-    train_step = step_lib.make_train_step(parts.model, parts.loss_fn, parts.tx, schedule=parts.schedule,
-                                          skip_nonfinite=config.skip_nonfinite, collect_stats=config.stats_every > 0)
+    train_step = _train_step_fn(config, parts)
     eval_step = step_lib.make_eval_step(parts.model, parts.loss_fn)
 
     def blocking(fn, library, *args):
@@ -791,7 +798,7 @@ def conv_compiler_options(config: config_lib.TrainConfig, program: str) -> dict[
     return conv_lib.compiler_options(config_lib.conv_library_of(config, program))
 
 
-def _guard_step(config: config_lib.TrainConfig, fns: _StepFns, store=None):
+def _guard_step(config: config_lib.TrainConfig, fns: _StepFns):
     """The train step under `nanlab.guard`: the step's own flag and gate, the state donated.
 
     `_Loop` sets its ``replay`` hook, which reports a failure as this run's step.
@@ -800,14 +807,11 @@ def _guard_step(config: config_lib.TrainConfig, fns: _StepFns, store=None):
     from nanlab.guard import guard
 
     debug = config.debug_nans or config.debug_infs
-    jit = None
-    if store is not None:
-        jit = store.jit("train", **_program_parts(config, "train", fns.conv_tables))
     # Not donated under jax_debug_nans/infs: JAX re-runs a failing call on its arguments.
     return guard(fns.train_step, donate_argnums=() if debug else 0, check_every=config.log_every,
                  on_failure="skip" if config.skip_nonfinite else "raise",
                  finite=step_lib.guard_flag, gate_kwarg="apply_update",
-                 compiler_options=conv_compiler_options(config, "train"), jit=jit)
+                 compiler_options=conv_compiler_options(config, "train"), jit=fns.train_jit)
 
 
 def _run(config: config_lib.TrainConfig) -> int:
@@ -846,11 +850,11 @@ def _run(config: config_lib.TrainConfig) -> int:
                 start_step, state = _initial_state(config, parts, checkpointer)
                 libraries = _tune_conv_library(config, parts, state)
                 fns = _step_fns(libraries, parts, store)
-                guarded = _guard_step(libraries, fns, store)
+                guarded = _guard_step(libraries, fns)
             else:
                 libraries = config
                 fns = _step_fns(config, parts, store)
-                guarded = _guard_step(config, fns, store)
+                guarded = _guard_step(config, fns)
                 if store is not None and not config.resume:
                     # The init and the train step are taken from the store or traced here, and XLA
                     # compiles (or loads) both in the store's background threads: on a cold start

@@ -638,8 +638,8 @@ def test_conv_library_tuned_measures_each_program_once_then_reads_the_cache(tmp_
     monkeypatch.setattr(conv_tuning, "fastest", verdict)
     guarded_with = []
     real_guard_step = train._guard_step
-    monkeypatch.setattr(train, "_guard_step", lambda config, fns, store=None: guarded_with.append(config.conv_library)
-                        or real_guard_step(config, fns, store))
+    monkeypatch.setattr(train, "_guard_step", lambda config, fns: guarded_with.append(config.conv_library)
+                        or real_guard_step(config, fns))
     assert train.main(_argv(tmp_path / "first", conv_library="tuned")) == 0
     err = capsys.readouterr().err
     assert "train on eigen (2.00x the other), eval on default (3.00x the other)" in err
