@@ -60,6 +60,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from nanlab import allocator  # noqa: E402
 from nanlab.models import conv as conv_lib  # noqa: E402
 
 
@@ -379,10 +380,17 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 PEERS = ("torch", "keras-tf")
 
 
-def run_peer(peer: str, setting: Setting, steps: int, python: str) -> dict | None:
-    """One peer in its own process (benchmarks/peer_models.py); None when its framework is missing."""
+def run_peer(peer: str, setting: Setting, steps: int, python: str, peer_allocator: str = "default") -> dict | None:
+    """One peer in its own process (benchmarks/peer_models.py); None when its framework is missing.
+
+    `peer_allocator` "default" runs it on its framework's own allocator (what its users get: this
+    process's mimalloc preload is not passed on), "mimalloc" with mimalloc preloaded as nanlab's CLIs are.
+    """
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_models.py")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KERAS_BACKEND")}
+    dropped = ("XLA_FLAGS", "KERAS_BACKEND", "LD_PRELOAD", "NANLAB_ALLOCATOR_RERUN")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    if peer_allocator == "mimalloc":
+        env["LD_PRELOAD"] = str(allocator.mimalloc_library())
     done = subprocess.run([python, script, peer, "--image-size", str(setting.image_size), "--batch",
                            str(setting.batch), "--steps", str(steps)], capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -400,7 +408,7 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 def benchmark_setting(setting: Setting, impls: list[str], with_keras: bool, steps: int, warmup: int,
                       peak: float, peers: list[str], peer_python: str,
-                      libraries: tuple[str, ...] = ("default",)) -> list[str]:
+                      libraries: tuple[str, ...] = ("default",), peer_allocator: str = "default") -> list[str]:
     """Builds the contestants, times them, runs the peers, and returns the markdown rows of this setting."""
     runners = [nanlab_runner(setting, impl, library) for impl in impls for library in libraries]
     if with_keras:
@@ -434,7 +442,7 @@ def benchmark_setting(setting: Setting, impls: list[str], with_keras: bool, step
                         f"{load_before:.1f}-{load_after:.1f}"))
     for peer in peers:
         # Peers run after nanlab's rounds, in their own process: their ratios are of medians, not paired.
-        result = run_peer(peer, setting, steps, peer_python)
+        result = run_peer(peer, setting, steps, peer_python, peer_allocator)
         if result is None:
             continue
         t_train, t_infer = result["train_median_s"], result["infer_median_s"]
@@ -475,7 +483,7 @@ def environment_line() -> str:
     return (
         f"jax {jax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {os.cpu_count()} CPUs, "
-        f"{platform.machine()}, loadavg {tuple(round(v, 1) for v in os.getloadavg())}, "
+        f"{platform.machine()}, allocator {allocator.current()}, loadavg {tuple(round(v, 1) for v in os.getloadavg())}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
 
@@ -659,7 +667,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formulations", default="xla,im2col,taps,swap", help="--conv-shapes: kernel grads")
     parser.add_argument("--conv-libraries", default="default",
                         help=f"nanlab rows per convolution library too: {', '.join(conv_lib.LIBRARIES)} (comma-separated)")
+    parser.add_argument("--allocator", default="mimalloc", choices=allocator.ALLOCATORS,
+                        help="the allocator of this process (nanlab's rows and Keras-JAX); the CLIs run on mimalloc")
+    parser.add_argument("--peer-allocator", default="default", choices=("default", "mimalloc"),
+                        help="the peers' allocator: their frameworks' own (default) or mimalloc preloaded")
     args = parser.parse_args(argv)
+    if "mimalloc" in (args.allocator, args.peer_allocator) and allocator.mimalloc_library() is None:
+        return _fail("mimalloc is not installed (the cmeel-mimalloc wheel, Linux x86_64): pass --allocator system")
+    os.environ[allocator.ALLOCATOR_ENV] = args.allocator
+    allocator.rerun_with_mimalloc()  # the same command again, on mimalloc, unless --allocator system
 
     steps = args.steps if args.steps is not None else (3 if args.quick else 7)
     if steps < 1:
@@ -723,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     print(TABLE_HEADER, flush=True)
     for setting in settings:
         for row in benchmark_setting(setting, impls, not args.no_keras, steps, args.warmup, peak, peers,
-                                     args.peer_python, libraries):
+                                     args.peer_python, libraries, args.peer_allocator):
             print(row, flush=True)
     return 0
 

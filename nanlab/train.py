@@ -35,6 +35,11 @@ moments are untouched by a skipped step; only the step counter is rewound).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX loads: the CLI runs on mimalloc where installed (nanlab.allocator)
+    from nanlab import allocator
+
+    allocator.rerun_with_mimalloc()
+
 import argparse
 import contextlib
 import dataclasses
@@ -49,7 +54,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from nanlab import _cli
+from nanlab import _cli, allocator
 from nanlab import config as config_lib
 from nanlab._cli import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK
 from nanlab.config import BadInput
@@ -1172,6 +1177,7 @@ def _complete_summary(summary: dict[str, Any], rows: list[dict], exit_code: int,
     summary.update(
         steps=loop.step if exit_code == EXIT_OK or trained_on else summary.get("failed_step"),
         wall_s=round(time.perf_counter() - wall_start, 2),
+        allocator=allocator.current(),  # "mimalloc" when the CLI reran itself on it (nanlab.allocator)
     )
     if exit_code != EXIT_OK and summary.get("status") != "nonfinite-validation":
         return

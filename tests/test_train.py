@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from nanlab import config as config_lib
+from nanlab import allocator, config as config_lib
 from nanlab import runlog, train
 from tests.cli_flags import train_argv
 
@@ -239,6 +239,20 @@ def test_sigkill_during_training_then_resume(tmp_path):
     rows = runlog.read_metrics(workdir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert json.loads((workdir / "summary.json").read_text())["resumed_from"] >= 10
+
+
+@pytest.mark.skipif(allocator.mimalloc_library() is None, reason="mimalloc is a Linux x86_64 dependency")
+def test_the_cli_process_trains_on_mimalloc_and_the_same_as_on_the_system_allocator(tmp_path):
+    summaries, rows = {}, {}
+    for name in ("mimalloc", "system"):
+        env = {k: v for k, v in _subprocess_env(NANLAB_ALLOCATOR=name).items() if k != "LD_PRELOAD"}
+        done = subprocess.run([sys.executable, "-m", "nanlab.train", *_argv(tmp_path / name, steps=10)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+        rows[name] = _rows_without_timing(tmp_path / name / "metrics.jsonl")
+    assert summaries["mimalloc"]["allocator"] == "mimalloc" and summaries["system"]["allocator"] == "system"
+    assert rows["mimalloc"] == rows["system"]  # the allocator changes where buffers live, not a value
 
 
 # The train CLI in a process that prints, at exit, the threads that compiled (or loaded from the
