@@ -387,8 +387,7 @@ def run_peer(peer: str, setting: Setting, steps: int, python: str, peer_allocato
     process's mimalloc preload is not passed on), "mimalloc" with mimalloc preloaded as nanlab's CLIs are.
     """
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_models.py")
-    dropped = ("XLA_FLAGS", "KERAS_BACKEND", "LD_PRELOAD", "NANLAB_ALLOCATOR_RERUN")
-    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env = {k: v for k, v in allocator.without_preload(dict(os.environ)).items() if k not in ("XLA_FLAGS", "KERAS_BACKEND")}
     if peer_allocator == "mimalloc":
         env["LD_PRELOAD"] = str(allocator.mimalloc_library())
     done = subprocess.run([python, script, peer, "--image-size", str(setting.image_size), "--batch",

@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["ALLOCATOR_ENV", "current", "mimalloc_library", "rerun_with_mimalloc"]
+__all__ = ["ALLOCATORS", "ALLOCATOR_ENV", "current", "mimalloc_library", "rerun_with_mimalloc", "without_preload"]
 
 ALLOCATOR_ENV = "NANLAB_ALLOCATOR"  # "mimalloc" (the default) or "system"
 ALLOCATORS = ("mimalloc", "system")
@@ -44,6 +44,12 @@ def mimalloc_library() -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def without_preload(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the preload and rerun marker `rerun_with_mimalloc` sets: a child process started
+    with it runs on its own allocator (and a nanlab CLI among them chooses again)."""
+    return {k: v for k, v in env.items() if k not in ("LD_PRELOAD", _RERUN_ENV)}
 
 
 def current() -> str:

@@ -22,7 +22,7 @@ print("runs on", allocator.current(), flush=True)
 
 
 def _run(**env):
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "NANLAB_ALLOCATOR_RERUN")}
+    base = allocator.without_preload(dict(os.environ))
     return subprocess.run([sys.executable, "-c", _CLI, "--steps", "3"], env={**base, **env},
                           capture_output=True, text=True, timeout=120)
 

@@ -245,7 +245,7 @@ def test_sigkill_during_training_then_resume(tmp_path):
 def test_the_cli_process_trains_on_mimalloc_and_the_same_as_on_the_system_allocator(tmp_path):
     summaries, rows = {}, {}
     for name in ("mimalloc", "system"):
-        env = {k: v for k, v in _subprocess_env(NANLAB_ALLOCATOR=name).items() if k != "LD_PRELOAD"}
+        env = allocator.without_preload(_subprocess_env(NANLAB_ALLOCATOR=name))
         done = subprocess.run([sys.executable, "-m", "nanlab.train", *_argv(tmp_path / name, steps=10)], env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
